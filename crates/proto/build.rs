@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Chunk payloads are passed along without copying.
+        .bytes(".")
         .compile_fds(descriptors)?;
     Ok(())
 }

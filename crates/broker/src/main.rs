@@ -1,0 +1,2 @@
+//! `dispatch-broker`: being written.
+fn main() {}
