@@ -62,7 +62,9 @@ pub enum Error {
         got: u64,
     },
     /// The whole-tree digests of sender and receiver differ.
-    #[error("tree digest mismatch: sender {sender}, receiver {receiver}; the transfer was discarded")]
+    #[error(
+        "tree digest mismatch: sender {sender}, receiver {receiver}; the transfer was discarded"
+    )]
     DigestMismatch {
         /// Hex digest the sender computed.
         sender: String,
@@ -98,9 +100,27 @@ pub enum Error {
     /// The peer broker failed or could not be reached.
     #[error("peer broker: {0}")]
     Peer(String),
-    /// The operation was cancelled (shutdown, or the caller went away).
+    /// The peer broker refused the request; its code and message are kept as they were.
+    #[error("peer broker refused: {message}")]
+    Remote {
+        /// The peer's gRPC code.
+        code: tonic::Code,
+        /// The peer's message.
+        message: String,
+    },
+    /// The operation was cancelled (the caller went away).
     #[error("cancelled")]
     Cancelled,
+    /// The broker is stopping; the transfer can be resumed against it (or another broker
+    /// on the same store) once it is back.
+    #[error("the broker is shutting down; resume the transfer when it is back")]
+    ShuttingDown,
+    /// Another connection is working on the same transfer right now.
+    #[error("transfer `{0}` is in progress on another connection; retry in a moment")]
+    Busy(String),
+    /// The gRPC server could not start or failed.
+    #[error("server: {0}")]
+    Server(String),
     /// A filesystem operation failed.
     #[error("{op} `{path}`: {source}")]
     Io {
@@ -119,17 +139,27 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Builds an [`Error::Io`] with the operation and path it concerned.
     pub fn io(op: &'static str, path: impl std::fmt::Display, source: io::Error) -> Self {
-        Error::Io { op, path: path.to_string(), source }
+        Error::Io {
+            op,
+            path: path.to_string(),
+            source,
+        }
     }
 
     /// Builds an [`Error::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument { field: field.into(), reason: reason.into() }
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Builds an [`Error::EntryRefused`].
     pub fn refused(entry: impl std::fmt::Display, reason: impl Into<String>) -> Self {
-        Error::EntryRefused { entry: entry.to_string(), reason: reason.into() }
+        Error::EntryRefused {
+            entry: entry.to_string(),
+            reason: reason.into(),
+        }
     }
 
     /// The gRPC code and HTTP status for this error: the single mapping both faces use.
@@ -151,7 +181,11 @@ impl Error {
             Error::Unauthenticated(_) => (Code::Unauthenticated, 401),
             Error::PermissionDenied(_) => (Code::PermissionDenied, 403),
             Error::Peer(_) => (Code::Unavailable, 503),
+            Error::Remote { code, .. } => (*code, 502),
             Error::Cancelled => (Code::Cancelled, 499),
+            Error::ShuttingDown => (Code::Unavailable, 503),
+            Error::Busy(_) => (Code::Aborted, 409),
+            Error::Server(_) => (Code::Internal, 500),
             Error::Io { source, .. } => match source.kind() {
                 io::ErrorKind::NotFound => (Code::NotFound, 404),
                 io::ErrorKind::PermissionDenied => (Code::PermissionDenied, 403),
@@ -166,12 +200,19 @@ impl Error {
     /// True when trying again (resuming) can succeed: the link or the peer failed, not the
     /// data or the request.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Peer(_) | Error::CorruptChunk { .. })
+        matches!(
+            self,
+            Error::Peer(_) | Error::CorruptChunk { .. } | Error::ShuttingDown | Error::Busy(_)
+        )
     }
 }
 
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
-        tonic::Status::new(error.codes().0, error.to_string())
+        match error {
+            // Relayed as the peer said it, so the caller sees the original refusal.
+            Error::Remote { code, message } => tonic::Status::new(code, message),
+            error => tonic::Status::new(error.codes().0, error.to_string()),
+        }
     }
 }

@@ -24,7 +24,10 @@ pub struct ExtractRoot {
 impl ExtractRoot {
     /// Entries go under `root`, which must exist.
     pub fn new(root: PathBuf) -> Self {
-        Self { root, checked_parent: None }
+        Self {
+            root,
+            checked_parent: None,
+        }
     }
 
     /// The root directory.
@@ -42,7 +45,10 @@ impl ExtractRoot {
         match fs::symlink_metadata(&target) {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => {
-                return Err(Error::refused(path, "a directory would replace an earlier entry that is not one"));
+                return Err(Error::refused(
+                    path,
+                    "a directory would replace an earlier entry that is not one",
+                ));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir(&target).map_err(|e| Error::io("create directory", path, e))?;
@@ -92,8 +98,10 @@ impl ExtractRoot {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&target)
             .map_err(|e| Error::io("reopen file", path, e))?;
-        file.set_len(len).map_err(|e| Error::io("truncate", path, e))?;
-        file.seek(SeekFrom::End(0)).map_err(|e| Error::io("seek", path, e))?;
+        file.set_len(len)
+            .map_err(|e| Error::io("truncate", path, e))?;
+        file.seek(SeekFrom::End(0))
+            .map_err(|e| Error::io("seek", path, e))?;
         Ok(file)
     }
 
@@ -117,15 +125,23 @@ impl ExtractRoot {
         if path.is_root() || target.is_root() {
             return Err(Error::refused(path, "a hard link cannot involve the root"));
         }
-        self.check_no_symlink_in(target)
-            .map_err(|_| Error::refused(path, format!("hard link target `{target}` is not a file written earlier in this archive")))?;
+        self.check_no_symlink_in(target).map_err(|_| {
+            Error::refused(
+                path,
+                format!(
+                    "hard link target `{target}` is not a file written earlier in this archive"
+                ),
+            )
+        })?;
         let source = target.under(&self.root);
         match fs::symlink_metadata(&source) {
             Ok(meta) if meta.is_file() => {}
             _ => {
                 return Err(Error::refused(
                     path,
-                    format!("hard link target `{target}` is not a file written earlier in this archive"),
+                    format!(
+                        "hard link target `{target}` is not a file written earlier in this archive"
+                    ),
                 ));
             }
         }
@@ -137,11 +153,37 @@ impl ExtractRoot {
         fs::hard_link(&source, &at).map_err(|e| Error::io("create hard link", path, e))
     }
 
+    /// Places the file `source` (outside this root, on the same filesystem ideally) at
+    /// `path` by hard link, or by copy where a link is impossible (another filesystem,
+    /// link count limits). Returns true if it was linked.
+    pub fn link_or_copy(&mut self, path: &StorePath, source: &Path, mode: u32) -> Result<bool> {
+        if path.is_root() {
+            return Err(Error::refused(path, "a file cannot replace the root"));
+        }
+        self.ensure_parent(path)?;
+        let at = path.under(&self.root);
+        if fs::symlink_metadata(&at).is_ok() {
+            self.remove_non_dir(path, &at)?;
+        }
+        if fs::hard_link(source, &at).is_ok() {
+            return Ok(true);
+        }
+        let mut from = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(source)
+            .map_err(|e| Error::io("open", source.display(), e))?;
+        let mut to = self.create_file(path, mode)?;
+        io::copy(&mut from, &mut to).map_err(|e| Error::io("copy into", path, e))?;
+        Ok(false)
+    }
+
     fn remove_non_dir(&self, path: &StorePath, at: &Path) -> Result<()> {
         match fs::symlink_metadata(at) {
-            Ok(meta) if meta.is_dir() => {
-                Err(Error::refused(path, "an earlier entry at this path is a directory"))
-            }
+            Ok(meta) if meta.is_dir() => Err(Error::refused(
+                path,
+                "an earlier entry at this path is a directory",
+            )),
             Ok(_) => fs::remove_file(at).map_err(|e| Error::io("replace", path, e)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io("read", path, e)),
@@ -150,7 +192,9 @@ impl ExtractRoot {
 
     /// Makes sure every ancestor of `path` is a real directory, creating missing ones.
     fn ensure_parent(&mut self, path: &StorePath) -> Result<()> {
-        let Some(parent) = path.parent() else { return Ok(()) };
+        let Some(parent) = path.parent() else {
+            return Ok(());
+        };
         if parent.is_root() || self.checked_parent.as_ref() == Some(&parent) {
             return Ok(());
         }
@@ -160,14 +204,22 @@ impl ExtractRoot {
             match fs::symlink_metadata(&at) {
                 Ok(meta) if meta.is_dir() => {}
                 Ok(meta) => {
-                    let what = if meta.file_type().is_symlink() { "a symlink" } else { "not a directory" };
+                    let what = if meta.file_type().is_symlink() {
+                        "a symlink"
+                    } else {
+                        "not a directory"
+                    };
                     return Err(Error::refused(
                         path,
-                        format!("its parent `{}` is {what}", at.strip_prefix(&self.root).unwrap_or(&at).display()),
+                        format!(
+                            "its parent `{}` is {what}",
+                            at.strip_prefix(&self.root).unwrap_or(&at).display()
+                        ),
                     ));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&at).map_err(|e| Error::io("create directory", at.display(), e))?;
+                    fs::create_dir(&at)
+                        .map_err(|e| Error::io("create directory", at.display(), e))?;
                 }
                 Err(e) => return Err(Error::io("read", at.display(), e)),
             }
@@ -198,13 +250,17 @@ pub fn check_symlink_target(target: &str) -> std::result::Result<(), String> {
         return Err("symlink target is empty".into());
     }
     if target.starts_with('/') {
-        return Err(format!("symlink target `{target}` is absolute; only relative links below the link's directory are accepted"));
+        return Err(format!(
+            "symlink target `{target}` is absolute; only relative links below the link's directory are accepted"
+        ));
     }
     if target.contains('\0') {
         return Err("symlink target contains a NUL byte".into());
     }
     if target.split('/').any(|c| c == "..") {
-        return Err(format!("symlink target `{target}` climbs with `..`; only links below the link's directory are accepted"));
+        return Err(format!(
+            "symlink target `{target}` climbs with `..`; only links below the link's directory are accepted"
+        ));
     }
     if target.len() > crate::path::MAX_PATH_BYTES {
         return Err("symlink target is too long".into());
@@ -240,9 +296,15 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), root.join("escape")).unwrap();
         let mut x = ExtractRoot::new(root.clone());
 
-        let err = x.create_file(&p("escape/owned"), 0o644).unwrap_err().to_string();
+        let err = x
+            .create_file(&p("escape/owned"), 0o644)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("escape") && err.contains("symlink"), "{err}");
-        assert!(x.create_file(&p("escape"), 0o644).is_ok(), "a link itself may be replaced");
+        assert!(
+            x.create_file(&p("escape"), 0o644).is_ok(),
+            "a link itself may be replaced"
+        );
         assert!(fs::symlink_metadata(root.join("escape")).unwrap().is_file());
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
 
@@ -255,7 +317,10 @@ mod tests {
         assert!(x.hard_link(&p("h"), &p("adir")).is_err());
         assert!(x.hard_link(&p("h"), &p("d/l3")).is_err());
         x.create_file(&p("real"), 0o4755).unwrap();
-        let mode = fs::metadata(root.join("real")).unwrap().permissions().mode();
+        let mode = fs::metadata(root.join("real"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o7777, 0o755, "set-uid bit must be dropped");
         x.hard_link(&p("h"), &p("real")).unwrap();
     }

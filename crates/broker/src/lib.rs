@@ -6,9 +6,17 @@
 //! disk.
 
 pub mod chrislink;
+pub mod client;
+pub mod config;
 pub mod error;
 pub mod extract;
+pub mod grant;
 pub mod path;
+mod receive;
+pub mod server;
+pub mod service;
+pub mod stage;
+pub mod store;
 pub mod tar_decode;
 pub mod tar_encode;
 pub mod transfer;

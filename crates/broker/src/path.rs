@@ -166,7 +166,8 @@ impl StorePath {
     pub fn starts_with(&self, ancestor: &StorePath) -> bool {
         ancestor.is_root()
             || self.0 == ancestor.0
-            || (self.0.starts_with(&ancestor.0) && self.0.as_bytes().get(ancestor.0.len()) == Some(&b'/'))
+            || (self.0.starts_with(&ancestor.0)
+                && self.0.as_bytes().get(ancestor.0.len()) == Some(&b'/'))
     }
 
     /// `self` with the leading `ancestor` removed, or `None` if it is not below it.
@@ -177,7 +178,11 @@ impl StorePath {
         if ancestor.is_root() {
             return Some(self.clone());
         }
-        Some(StorePath(self.0[ancestor.0.len()..].trim_start_matches('/').to_owned()))
+        Some(StorePath(
+            self.0[ancestor.0.len()..]
+                .trim_start_matches('/')
+                .to_owned(),
+        ))
     }
 }
 
@@ -211,20 +216,41 @@ mod tests {
 
     #[test]
     fn hostile_archive_names_are_refused() {
-        assert_eq!(StorePath::from_archive(b"/etc/passwd"), Err(PathError::Absolute));
-        assert_eq!(StorePath::from_archive(b"a/../../x"), Err(PathError::ParentComponent));
-        assert_eq!(StorePath::from_archive(b".."), Err(PathError::ParentComponent));
+        assert_eq!(
+            StorePath::from_archive(b"/etc/passwd"),
+            Err(PathError::Absolute)
+        );
+        assert_eq!(
+            StorePath::from_archive(b"a/../../x"),
+            Err(PathError::ParentComponent)
+        );
+        assert_eq!(
+            StorePath::from_archive(b".."),
+            Err(PathError::ParentComponent)
+        );
         assert_eq!(StorePath::from_archive(b"a\0b"), Err(PathError::Nul));
-        assert_eq!(StorePath::from_archive(&[b'a', 0xff, b'b']), Err(PathError::NotUtf8));
+        assert_eq!(
+            StorePath::from_archive(&[b'a', 0xff, b'b']),
+            Err(PathError::NotUtf8)
+        );
         let long_component = vec![b'x'; 256];
-        assert_eq!(StorePath::from_archive(&long_component), Err(PathError::ComponentTooLong));
+        assert_eq!(
+            StorePath::from_archive(&long_component),
+            Err(PathError::ComponentTooLong)
+        );
         let long_path = "d/".repeat(2100);
-        assert_eq!(StorePath::from_archive(long_path.as_bytes()), Err(PathError::TooLong));
+        assert_eq!(
+            StorePath::from_archive(long_path.as_bytes()),
+            Err(PathError::TooLong)
+        );
     }
 
     #[test]
     fn api_paths_strip_slashes() {
-        assert_eq!(StorePath::from_api("/key-1/incoming/").unwrap().as_str(), "key-1/incoming");
+        assert_eq!(
+            StorePath::from_api("/key-1/incoming/").unwrap().as_str(),
+            "key-1/incoming"
+        );
         assert!(StorePath::non_root_from_api("/").is_err());
     }
 
@@ -235,11 +261,25 @@ mod tests {
         assert!(StorePath::from_api("home/bob").unwrap().starts_with(&bob));
         assert!(!StorePath::from_api("home/bobby").unwrap().starts_with(&bob));
         assert_eq!(
-            StorePath::from_api("home/bob/x/y").unwrap().strip_prefix(&bob).unwrap().as_str(),
+            StorePath::from_api("home/bob/x/y")
+                .unwrap()
+                .strip_prefix(&bob)
+                .unwrap()
+                .as_str(),
             "x/y"
         );
-        assert_eq!(StorePath::from_api("a/b").unwrap().parent().unwrap().as_str(), "a");
-        assert_eq!(StorePath::from_api("a").unwrap().parent().unwrap(), StorePath::root());
+        assert_eq!(
+            StorePath::from_api("a/b")
+                .unwrap()
+                .parent()
+                .unwrap()
+                .as_str(),
+            "a"
+        );
+        assert_eq!(
+            StorePath::from_api("a").unwrap().parent().unwrap(),
+            StorePath::root()
+        );
     }
 
     proptest! {

@@ -55,10 +55,20 @@ enum Extension {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum Phase {
     Header,
-    FileData { path: StorePathText, remaining: u64, written: u64, mtime: u64 },
-    Extension { kind: Extension, remaining: u64, data: Vec<u8> },
-    Discard { remaining: u64 },
-    Padding { remaining: u64 },
+    FileData {
+        path: StorePathText,
+        remaining: u64,
+        written: u64,
+        mtime: u64,
+    },
+    Extension {
+        kind: Extension,
+        remaining: u64,
+        data: Vec<u8>,
+    },
+    Padding {
+        remaining: u64,
+    },
     Ended,
 }
 
@@ -106,12 +116,21 @@ pub struct TarDecoder {
 impl TarDecoder {
     /// Starts a new stream into `root`.
     pub fn new(root: ExtractRoot, limits: ArchiveLimits) -> Self {
-        Self { state: DecoderState::default(), root, limits, file: None }
+        Self {
+            state: DecoderState::default(),
+            root,
+            limits,
+            file: None,
+        }
     }
 
     /// Continues a stream from a saved state; a file that was being written is cut back to
     /// the length the state recorded.
-    pub fn resume(state: DecoderState, mut root: ExtractRoot, limits: ArchiveLimits) -> Result<Self> {
+    pub fn resume(
+        state: DecoderState,
+        mut root: ExtractRoot,
+        limits: ArchiveLimits,
+    ) -> Result<Self> {
         let file = match &state.phase {
             Phase::FileData { path, written, .. } => {
                 let path = StorePath::from_archive(path.as_bytes())
@@ -120,7 +139,12 @@ impl TarDecoder {
             }
             _ => None,
         };
-        Ok(Self { state, root, limits, file })
+        Ok(Self {
+            state,
+            root,
+            limits,
+            file,
+        })
     }
 
     /// The state to save; call only between [`TarDecoder::feed`] calls.
@@ -164,15 +188,23 @@ impl TarDecoder {
                 }
                 Ok(take)
             }
-            Phase::FileData { path, remaining, written, mtime } => {
-                let take = data.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+            Phase::FileData {
+                path,
+                remaining,
+                written,
+                mtime,
+            } => {
+                let take = data
+                    .len()
+                    .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                 let Some(file) = self.file.as_mut() else {
                     return Err(Error::MalformedArchive {
                         offset: self.state.offset,
                         reason: "file data without an open file".into(),
                     });
                 };
-                file.write_all(&data[..take]).map_err(|e| Error::io("write", &*path, e))?;
+                file.write_all(&data[..take])
+                    .map_err(|e| Error::io("write", &*path, e))?;
                 *remaining -= take as u64;
                 *written += take as u64;
                 if *remaining == 0 {
@@ -181,8 +213,14 @@ impl TarDecoder {
                 }
                 Ok(take)
             }
-            Phase::Extension { kind, remaining, data: buffer } => {
-                let take = data.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+            Phase::Extension {
+                kind,
+                remaining,
+                data: buffer,
+            } => {
+                let take = data
+                    .len()
+                    .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                 buffer.extend_from_slice(&data[..take]);
                 *remaining -= take as u64;
                 if *remaining == 0 {
@@ -193,16 +231,10 @@ impl TarDecoder {
                 }
                 Ok(take)
             }
-            Phase::Discard { remaining } => {
-                let take = data.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
-                *remaining -= take as u64;
-                if *remaining == 0 {
-                    self.state.phase = Phase::Header;
-                }
-                Ok(take)
-            }
             Phase::Padding { remaining } => {
-                let take = data.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                let take = data
+                    .len()
+                    .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                 *remaining -= take as u64;
                 if *remaining == 0 {
                     self.state.phase = Phase::Header;
@@ -233,7 +265,10 @@ impl TarDecoder {
     }
 
     fn malformed(&self, reason: impl Into<String>) -> Error {
-        Error::MalformedArchive { offset: self.state.offset, reason: reason.into() }
+        Error::MalformedArchive {
+            offset: self.state.offset,
+            reason: reason.into(),
+        }
     }
 
     fn read_header(&mut self, block: &[u8; BLOCK as usize]) -> Result<()> {
@@ -258,10 +293,16 @@ impl TarDecoder {
             _ => None,
         };
         if let Some(reason) = refusal {
-            let name = self.state.long_name.take().unwrap_or_else(|| header.path_bytes().into_owned());
+            let name = self
+                .state
+                .long_name
+                .take()
+                .unwrap_or_else(|| header.path_bytes().into_owned());
             return Err(Error::refused(String::from_utf8_lossy(&name), reason));
         }
-        let header_size = header.size().map_err(|e| self.malformed(format!("bad size field: {e}")))?;
+        let header_size = header
+            .size()
+            .map_err(|e| self.malformed(format!("bad size field: {e}")))?;
         let size = self.state.pax_size.take().unwrap_or(header_size);
 
         match kind {
@@ -270,7 +311,9 @@ impl TarDecoder {
                     let shown = String::from_utf8_lossy(&header.path_bytes()).into_owned();
                     return Err(Error::refused(
                         shown,
-                        format!("extension header of {size} bytes is larger than {MAX_EXTENSION_BYTES}"),
+                        format!(
+                            "extension header of {size} bytes is larger than {MAX_EXTENSION_BYTES}"
+                        ),
                     ));
                 }
                 let extension = match kind {
@@ -281,32 +324,49 @@ impl TarDecoder {
                 self.state.phase = if size == 0 {
                     Phase::Header
                 } else {
-                    Phase::Extension { kind: extension, remaining: size, data: Vec::new() }
+                    Phase::Extension {
+                        kind: extension,
+                        remaining: size,
+                        data: Vec::new(),
+                    }
                 };
                 return Ok(());
             }
             _ => {}
         }
 
-        let name_bytes = self.state.long_name.take().unwrap_or_else(|| header.path_bytes().into_owned());
-        let shown = String::from_utf8_lossy(&name_bytes).into_owned();
-        match kind {
-            tar::EntryType::XGlobalHeader => {
-                if size > MAX_EXTENSION_BYTES {
-                    return Err(Error::refused(&shown, "global extension header is too large"));
-                }
-                self.state.phase = if size == 0 { Phase::Header } else { Phase::Discard { remaining: size.div_ceil(BLOCK) * BLOCK } };
-                return Ok(());
+        if kind == tar::EntryType::XGlobalHeader {
+            if size > MAX_EXTENSION_BYTES {
+                let shown = String::from_utf8_lossy(&header.path_bytes()).into_owned();
+                return Err(Error::refused(
+                    shown,
+                    "global extension header is too large",
+                ));
             }
-            _ => {}
+            self.state.phase = padding_or_header(size.div_ceil(BLOCK) * BLOCK);
+            return Ok(());
         }
 
+        let name_bytes = self
+            .state
+            .long_name
+            .take()
+            .unwrap_or_else(|| header.path_bytes().into_owned());
+        let shown = String::from_utf8_lossy(&name_bytes).into_owned();
+
         if name_bytes.len() > self.limits.max_path_bytes as usize {
-            return Err(Error::refused(&shown, format!("name is longer than {} bytes", self.limits.max_path_bytes)));
+            return Err(Error::refused(
+                &shown,
+                format!("name is longer than {} bytes", self.limits.max_path_bytes),
+            ));
         }
-        let path = StorePath::from_archive(&name_bytes).map_err(|e| Error::refused(&shown, e.to_string()))?;
+        let path = StorePath::from_archive(&name_bytes)
+            .map_err(|e| Error::refused(&shown, e.to_string()))?;
         if self.state.counts.entries() >= self.limits.max_entries {
-            return Err(Error::LimitExceeded(format!("more than {} entries", self.limits.max_entries)));
+            return Err(Error::LimitExceeded(format!(
+                "more than {} entries",
+                self.limits.max_entries
+            )));
         }
         let mode = header.mode().unwrap_or(0o644);
         let link_name = self.state.long_link.take();
@@ -327,7 +387,12 @@ impl TarDecoder {
                 self.file = Some(self.root.create_file(&path, mode)?);
                 self.state.counts.files += 1;
                 self.state.counts.file_bytes = total;
-                self.state.phase = Phase::FileData { path: path.as_str().to_owned(), remaining: size, written: 0, mtime };
+                self.state.phase = Phase::FileData {
+                    path: path.as_str().to_owned(),
+                    remaining: size,
+                    written: 0,
+                    mtime,
+                };
                 if size == 0 {
                     self.finish_file(path.as_str(), 0, mtime)?;
                 }
@@ -340,14 +405,25 @@ impl TarDecoder {
                 self.skip_data(size);
             }
             tar::EntryType::Symlink => {
-                let target = link_name.unwrap_or_else(|| header.link_name_bytes().map(|b| b.into_owned()).unwrap_or_default());
-                let target = String::from_utf8(target).map_err(|_| Error::refused(&shown, "symlink target is not valid UTF-8"))?;
+                let target = link_name.unwrap_or_else(|| {
+                    header
+                        .link_name_bytes()
+                        .map(|b| b.into_owned())
+                        .unwrap_or_default()
+                });
+                let target = String::from_utf8(target)
+                    .map_err(|_| Error::refused(&shown, "symlink target is not valid UTF-8"))?;
                 self.root.symlink(&path, &target)?;
                 self.state.counts.symlinks += 1;
                 self.skip_data(size);
             }
             tar::EntryType::Link => {
-                let target = link_name.unwrap_or_else(|| header.link_name_bytes().map(|b| b.into_owned()).unwrap_or_default());
+                let target = link_name.unwrap_or_else(|| {
+                    header
+                        .link_name_bytes()
+                        .map(|b| b.into_owned())
+                        .unwrap_or_default()
+                });
                 let target = StorePath::from_archive(&target)
                     .map_err(|e| Error::refused(&shown, format!("hard link target: {e}")))?;
                 self.root.hard_link(&path, &target)?;
@@ -355,7 +431,10 @@ impl TarDecoder {
                 self.skip_data(size);
             }
             other => {
-                return Err(Error::refused(&shown, format!("entry type {:?} is not supported", other.as_byte() as char)));
+                return Err(Error::refused(
+                    &shown,
+                    format!("entry type {:?} is not supported", other.as_byte() as char),
+                ));
             }
         }
         Ok(())
@@ -393,7 +472,11 @@ impl TarDecoder {
 }
 
 fn padding_or_header(padding: u64) -> Phase {
-    if padding == 0 { Phase::Header } else { Phase::Padding { remaining: padding } }
+    if padding == 0 {
+        Phase::Header
+    } else {
+        Phase::Padding { remaining: padding }
+    }
 }
 
 fn trim_nul(mut data: Vec<u8>) -> Vec<u8> {
@@ -404,23 +487,38 @@ fn trim_nul(mut data: Vec<u8>) -> Vec<u8> {
 }
 
 fn verify_checksum(header: &tar::Header) -> std::result::Result<(), String> {
-    let stored = header.cksum().map_err(|e| format!("bad header checksum field: {e}"))?;
+    let stored = header
+        .cksum()
+        .map_err(|e| format!("bad header checksum field: {e}"))?;
     let bytes = header.as_bytes();
-    let computed: u32 = bytes[..148].iter().chain(&[b' '; 8]).chain(&bytes[156..]).map(|&b| u32::from(b)).sum();
+    let computed: u32 = bytes[..148]
+        .iter()
+        .chain(&[b' '; 8])
+        .chain(&bytes[156..])
+        .map(|&b| u32::from(b))
+        .sum();
     if stored != computed {
-        return Err(format!("header checksum {stored} does not match its contents ({computed})"));
+        return Err(format!(
+            "header checksum {stored} does not match its contents ({computed})"
+        ));
     }
     Ok(())
 }
 
 /// Splits PAX extended-header records (`<len> <key>=<value>\n`).
-fn pax_records(mut data: &[u8]) -> std::result::Result<Vec<(&[u8], &[u8])>, String> {
+/// A PAX record: key and value.
+type PaxRecord<'a> = (&'a [u8], &'a [u8]);
+
+fn pax_records(mut data: &[u8]) -> std::result::Result<Vec<PaxRecord<'_>>, String> {
     let mut records = Vec::new();
     while !data.is_empty() {
         if data.iter().all(|&b| b == 0) {
             break;
         }
-        let space = data.iter().position(|&b| b == b' ').ok_or("PAX record without a length")?;
+        let space = data
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or("PAX record without a length")?;
         let len: usize = std::str::from_utf8(&data[..space])
             .ok()
             .and_then(|s| s.parse().ok())
@@ -429,7 +527,10 @@ fn pax_records(mut data: &[u8]) -> std::result::Result<Vec<(&[u8], &[u8])>, Stri
             return Err("PAX record length does not fit the record".into());
         }
         let body = &data[space + 1..len - 1];
-        let eq = body.iter().position(|&b| b == b'=').ok_or("PAX record without `=`")?;
+        let eq = body
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or("PAX record without `=`")?;
         records.push((&body[..eq], &body[eq + 1..]));
         data = &data[len..];
     }
@@ -443,7 +544,10 @@ mod tests {
 
     fn decode_all(bytes: &[u8], piece: usize) -> (tempfile::TempDir, Result<TreeCounts>) {
         let dir = tempfile::tempdir().unwrap();
-        let mut decoder = TarDecoder::new(ExtractRoot::new(dir.path().to_path_buf()), ArchiveLimits::default());
+        let mut decoder = TarDecoder::new(
+            ExtractRoot::new(dir.path().to_path_buf()),
+            ArchiveLimits::default(),
+        );
         for chunk in bytes.chunks(piece.max(1)) {
             if let Err(e) = decoder.feed(chunk) {
                 return (dir, Err(e));
@@ -476,8 +580,10 @@ mod tests {
     fn reads_archives_from_the_tar_crate_in_any_piece_size() {
         let long = format!("dir/{}/file", "x".repeat(200));
         let bytes = archive(|b| {
-            b.append_data(&mut file_header(5), "a.txt", &b"hello"[..]).unwrap();
-            b.append_data(&mut file_header(3), &long, &b"abc"[..]).unwrap();
+            b.append_data(&mut file_header(5), "a.txt", &b"hello"[..])
+                .unwrap();
+            b.append_data(&mut file_header(3), &long, &b"abc"[..])
+                .unwrap();
             let mut link = tar::Header::new_gnu();
             link.set_entry_type(tar::EntryType::Symlink);
             link.set_size(0);
@@ -502,8 +608,10 @@ mod tests {
     fn resumes_inside_a_file() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let bytes = archive(|b| {
-            b.append_data(&mut file_header(data.len() as u64), "big.bin", &data[..]).unwrap();
-            b.append_data(&mut file_header(2), "after", &b"ok"[..]).unwrap();
+            b.append_data(&mut file_header(data.len() as u64), "big.bin", &data[..])
+                .unwrap();
+            b.append_data(&mut file_header(2), "after", &b"ok"[..])
+                .unwrap();
         });
         let dir = tempfile::tempdir().unwrap();
         let root = || ExtractRoot::new(dir.path().to_path_buf());
@@ -563,7 +671,8 @@ mod tests {
             let mut h = tar::Header::new_ustar();
             h.set_entry_type(tar::EntryType::XHeader);
             h.set_size(pax.len() as u64);
-            b.append_data(&mut h, "PaxHeaders/x", pax.as_bytes()).unwrap();
+            b.append_data(&mut h, "PaxHeaders/x", pax.as_bytes())
+                .unwrap();
             let mut f = tar::Header::new_ustar();
             f.set_size(1);
             f.set_mode(0o644);

@@ -137,7 +137,9 @@ impl TarEncoder {
             }
             if let Some(open) = &mut self.file {
                 if open.remaining > 0 {
-                    let want = buf.len().min(usize::try_from(open.remaining).unwrap_or(usize::MAX));
+                    let want = buf
+                        .len()
+                        .min(usize::try_from(open.remaining).unwrap_or(usize::MAX));
                     let n = open
                         .file
                         .read(&mut buf[..want])
@@ -154,7 +156,9 @@ impl TarEncoder {
                 self.file = None;
             }
             if self.padding > 0 {
-                let n = buf.len().min(usize::try_from(self.padding).unwrap_or(usize::MAX));
+                let n = buf
+                    .len()
+                    .min(usize::try_from(self.padding).unwrap_or(usize::MAX));
                 buf[..n].fill(0);
                 self.padding -= n as u64;
                 return Ok(n);
@@ -200,7 +204,11 @@ impl TarEncoder {
                         _ => Error::io("open", entry.source.display(), e),
                     })?;
                 let remaining = *size;
-                self.file = Some(OpenFile { file, remaining, entry });
+                self.file = Some(OpenFile {
+                    file,
+                    remaining,
+                    entry,
+                });
             }
         }
         Ok(())
@@ -259,9 +267,15 @@ fn write_headers(entry: &TreeEntry, out: &mut Vec<u8>) {
 /// a version that changes when any path, kind, size, mode or mtime changes.
 pub fn survey(walk: TreeWalk) -> Result<Survey> {
     let mut hasher = blake3::Hasher::new();
-    let mut survey = Survey { stream_bytes: END_LEN, entries: 0, version: String::new() };
+    let mut survey = Survey {
+        stream_bytes: END_LEN,
+        entries: 0,
+        version: String::new(),
+    };
     for item in walk {
-        let Walked::Entry(entry) = item? else { continue };
+        let Walked::Entry(entry) = item? else {
+            continue;
+        };
         survey.stream_bytes += encoded_len(&entry);
         survey.entries += 1;
         let (kind, size, target) = match &entry.kind {
@@ -270,7 +284,13 @@ pub fn survey(walk: TreeWalk) -> Result<Survey> {
             EntryKind::Symlink { target } => ('l', 0, target.as_str()),
         };
         hasher.update(entry.path.as_str().as_bytes());
-        hasher.update(format!("\0{kind}\0{size}\0{:o}\0{}\0{target}\n", entry.mode, entry.mtime).as_bytes());
+        hasher.update(
+            format!(
+                "\0{kind}\0{size}\0{:o}\0{}\0{target}\n",
+                entry.mode, entry.mtime
+            )
+            .as_bytes(),
+        );
     }
     survey.version = hasher.finalize().to_hex()[..32].to_owned();
     Ok(survey)

@@ -51,7 +51,10 @@ impl Compression {
         match pb::Compression::try_from(value) {
             Ok(pb::Compression::Unspecified | pb::Compression::None) => Ok(Self::None),
             Ok(pb::Compression::Gzip) => Ok(Self::Gzip),
-            Err(_) => Err(Error::invalid("compression", format!("unknown value {value}; use NONE or GZIP"))),
+            Err(_) => Err(Error::invalid(
+                "compression",
+                format!("unknown value {value}; use NONE or GZIP"),
+            )),
         }
     }
 
@@ -158,7 +161,11 @@ impl ChunkSource {
         }
         let hash = *blake3::hash(&self.buf[..n]).as_bytes();
         self.digest.update(&hash);
-        Ok(Some(RawChunk { offset, data: &self.buf[..n], hash }))
+        Ok(Some(RawChunk {
+            offset,
+            data: &self.buf[..n],
+            hash,
+        }))
     }
 
     /// Reads and hashes chunks up to `offset` without returning them: what a resumed
@@ -172,7 +179,10 @@ impl ChunkSource {
         if self.encoder.offset() != offset {
             return Err(Error::invalid(
                 "offset",
-                format!("{offset} is not a chunk boundary of this stream (length {})", self.encoder.offset()),
+                format!(
+                    "{offset} is not a chunk boundary of this stream (length {})",
+                    self.encoder.offset()
+                ),
             ));
         }
         Ok(())
@@ -202,9 +212,11 @@ pub fn seal(chunk: &RawChunk<'_>, compression: Compression) -> Result<pb::Chunk>
                 Vec::with_capacity(chunk.data.len() / 2),
                 flate2::Compression::fast(),
             );
-            encoder.write_all(chunk.data).and_then(|()| encoder.finish()).map(Bytes::from).map_err(
-                |e| Error::io("compress chunk at offset", chunk.offset, e),
-            )?
+            encoder
+                .write_all(chunk.data)
+                .and_then(|()| encoder.finish())
+                .map(Bytes::from)
+                .map_err(|e| Error::io("compress chunk at offset", chunk.offset, e))?
         }
     };
     Ok(pb::Chunk {
@@ -266,7 +278,11 @@ impl Receiver {
         let journal = match fs::read(&journal_path) {
             Ok(bytes) => {
                 let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::io("read journal", journal_path.display(), std::io::Error::other(e))
+                    Error::io(
+                        "read journal",
+                        journal_path.display(),
+                        std::io::Error::other(e),
+                    )
                 })?;
                 if journal.params != params {
                     return Err(Error::invalid(
@@ -302,7 +318,9 @@ impl Receiver {
                 (journal, decoder)
             }
             None => {
-                hashes.set_len(0).map_err(|e| Error::io("truncate", hashes_path.display(), e))?;
+                hashes
+                    .set_len(0)
+                    .map_err(|e| Error::io("truncate", hashes_path.display(), e))?;
                 let decoder = TarDecoder::new(root, limits);
                 let journal = Journal {
                     version: 1,
@@ -345,15 +363,26 @@ impl Receiver {
     pub fn accept(&mut self, chunk: &pb::Chunk) -> Result<()> {
         let expected = self.next_offset();
         if chunk.offset != expected {
-            return Err(Error::OutOfOrder { expected, got: chunk.offset });
+            return Err(Error::OutOfOrder {
+                expected,
+                got: chunk.offset,
+            });
         }
         let chunk_size = self.journal.params.chunk_size;
-        let corrupt = |reason: String| Error::CorruptChunk { offset: chunk.offset, reason };
+        let corrupt = |reason: String| Error::CorruptChunk {
+            offset: chunk.offset,
+            reason,
+        };
         if chunk.length == 0 || chunk.length > chunk_size {
-            return Err(corrupt(format!("length {} is outside 1..={chunk_size}", chunk.length)));
+            return Err(corrupt(format!(
+                "length {} is outside 1..={chunk_size}",
+                chunk.length
+            )));
         }
         if self.journal.short_chunk_seen {
-            return Err(corrupt("a chunk follows the stream's short last chunk".into()));
+            return Err(corrupt(
+                "a chunk follows the stream's short last chunk".into(),
+            ));
         }
         let raw: &[u8] = match self.journal.params.compression {
             Compression::None => &chunk.data,
@@ -370,7 +399,11 @@ impl Receiver {
             }
         };
         if raw.len() != chunk.length as usize {
-            return Err(corrupt(format!("carries {} bytes, declares {}", raw.len(), chunk.length)));
+            return Err(corrupt(format!(
+                "carries {} bytes, declares {}",
+                raw.len(),
+                chunk.length
+            )));
         }
         let hash = blake3::hash(raw);
         if chunk.checksum.len() != 32 || hash.as_bytes()[..] != chunk.checksum[..] {
@@ -406,8 +439,13 @@ impl Receiver {
             .map_err(|e| Error::io("write", hashes_path(), e))?;
         self.unsaved_hashes.clear();
         self.journal.decoder = self.decoder.state().clone();
-        let bytes = serde_json::to_vec(&self.journal)
-            .map_err(|e| Error::io("encode journal", self.area.display(), std::io::Error::other(e)))?;
+        let bytes = serde_json::to_vec(&self.journal).map_err(|e| {
+            Error::io(
+                "encode journal",
+                self.area.display(),
+                std::io::Error::other(e),
+            )
+        })?;
         let tmp = self.area.join("journal.json.tmp");
         fs::write(&tmp, bytes).map_err(|e| Error::io("write", tmp.display(), e))?;
         fs::rename(&tmp, self.area.join(JOURNAL))
@@ -418,12 +456,19 @@ impl Receiver {
 
     /// Checks the stream is complete and its digest is the sender's; returns the summary
     /// and the directory holding the assembled tree (not yet synced or published).
-    pub fn finish(mut self, stream_bytes: u64, sender_digest: &[u8]) -> Result<(TreeSummary, PathBuf)> {
+    pub fn finish(
+        mut self,
+        stream_bytes: u64,
+        sender_digest: &[u8],
+    ) -> Result<(TreeSummary, PathBuf)> {
         self.checkpoint()?;
         if self.next_offset() != stream_bytes {
             return Err(Error::invalid(
                 "commit.stream_bytes",
-                format!("the sender says {stream_bytes} bytes, {} arrived", self.next_offset()),
+                format!(
+                    "the sender says {stream_bytes} bytes, {} arrived",
+                    self.next_offset()
+                ),
             ));
         }
         if !self.decoder.is_finished() {
@@ -434,9 +479,16 @@ impl Receiver {
         }
         let digest = self.digest()?;
         if digest[..] != *sender_digest {
-            return Err(Error::DigestMismatch { sender: hex(sender_digest), receiver: hex(&digest) });
+            return Err(Error::DigestMismatch {
+                sender: hex(sender_digest),
+                receiver: hex(&digest),
+            });
         }
-        let summary = TreeSummary { counts: self.decoder.state().counts, stream_bytes, digest };
+        let summary = TreeSummary {
+            counts: self.decoder.state().counts,
+            stream_bytes,
+            digest,
+        };
         Ok((summary, self.area.join(STAGED_TREE)))
     }
 
@@ -446,7 +498,9 @@ impl Receiver {
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = file.read(&mut buf).map_err(|e| Error::io("read", path.display(), e))?;
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| Error::io("read", path.display(), e))?;
             if n == 0 {
                 break;
             }
@@ -464,15 +518,24 @@ mod tests {
 
     fn tree(root: &Path) {
         fs::create_dir_all(root.join("a/b")).unwrap();
-        fs::write(root.join("a/b/big"), (0..3_000_000u32).map(|i| (i % 13) as u8).collect::<Vec<_>>())
-            .unwrap();
+        fs::write(
+            root.join("a/b/big"),
+            (0..3_000_000u32)
+                .map(|i| (i % 13) as u8)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
         for i in 0..50 {
             fs::write(root.join(format!("a/small-{i}")), format!("file {i}")).unwrap();
         }
     }
 
     fn params(compression: Compression) -> TransferParams {
-        TransferParams { destination: "dest".into(), chunk_size: MIN_CHUNK_SIZE * 4, compression }
+        TransferParams {
+            destination: "dest".into(),
+            chunk_size: MIN_CHUNK_SIZE * 4,
+            compression,
+        }
     }
 
     #[test]
@@ -484,7 +547,8 @@ mod tests {
             let walk = || walk_dir(src.path(), StorePath::root(), WalkOptions::default()).unwrap();
             let p = params(compression);
 
-            let mut receiver = Receiver::open(area.path(), p.clone(), ArchiveLimits::default()).unwrap();
+            let mut receiver =
+                Receiver::open(area.path(), p.clone(), ArchiveLimits::default()).unwrap();
             let mut source = ChunkSource::new(walk(), p.chunk_size);
             for i in 0..10 {
                 let chunk = source.next_chunk().unwrap().unwrap();
@@ -505,23 +569,37 @@ mod tests {
             // Two more chunks applied but never checkpointed, then the process "dies".
             for _ in 0..2 {
                 let chunk = source.next_chunk().unwrap().unwrap();
-                receiver.accept(&seal(&chunk, compression).unwrap()).unwrap();
+                receiver
+                    .accept(&seal(&chunk, compression).unwrap())
+                    .unwrap();
             }
             drop(receiver);
 
-            let mut receiver = Receiver::open(area.path(), p.clone(), ArchiveLimits::default()).unwrap();
+            let mut receiver =
+                Receiver::open(area.path(), p.clone(), ArchiveLimits::default()).unwrap();
             assert_eq!(receiver.next_offset(), resume_at);
             let mut source = ChunkSource::new(walk(), p.chunk_size);
             source.skip_to(resume_at).unwrap();
             while let Some(chunk) = source.next_chunk().unwrap() {
-                receiver.accept(&seal(&chunk, compression).unwrap()).unwrap();
+                receiver
+                    .accept(&seal(&chunk, compression).unwrap())
+                    .unwrap();
             }
             let sent = source.summary();
             let (summary, staged) = receiver.finish(sent.stream_bytes, &sent.digest).unwrap();
-            assert_eq!(summary, TreeSummary { counts: sent.counts, ..summary.clone() });
+            assert_eq!(
+                summary,
+                TreeSummary {
+                    counts: sent.counts,
+                    ..summary.clone()
+                }
+            );
             assert_eq!(summary.digest, sent.digest);
             assert_eq!(summary.counts.files, 51);
-            assert_eq!(fs::read(staged.join("a/b/big")).unwrap(), fs::read(src.path().join("a/b/big")).unwrap());
+            assert_eq!(
+                fs::read(staged.join("a/b/big")).unwrap(),
+                fs::read(src.path().join("a/b/big")).unwrap()
+            );
         }
     }
 
@@ -531,16 +609,24 @@ mod tests {
         tree(src.path());
         let area = tempfile::tempdir().unwrap();
         let p = params(Compression::None);
-        let mut receiver = Receiver::open(area.path(), p.clone(), ArchiveLimits::default()).unwrap();
-        let mut source =
-            ChunkSource::new(walk_dir(src.path(), StorePath::root(), WalkOptions::default()).unwrap(), p.chunk_size);
+        let mut receiver =
+            Receiver::open(area.path(), p.clone(), ArchiveLimits::default()).unwrap();
+        let mut source = ChunkSource::new(
+            walk_dir(src.path(), StorePath::root(), WalkOptions::default()).unwrap(),
+            p.chunk_size,
+        );
         let first = seal(&source.next_chunk().unwrap().unwrap(), Compression::None).unwrap();
         let second = seal(&source.next_chunk().unwrap().unwrap(), Compression::None).unwrap();
-        assert!(matches!(receiver.accept(&second), Err(Error::OutOfOrder { expected: 0, .. })));
+        assert!(matches!(
+            receiver.accept(&second),
+            Err(Error::OutOfOrder { expected: 0, .. })
+        ));
         receiver.accept(&first).unwrap();
         receiver.accept(&second).unwrap();
         while let Some(chunk) = source.next_chunk().unwrap() {
-            receiver.accept(&seal(&chunk, Compression::None).unwrap()).unwrap();
+            receiver
+                .accept(&seal(&chunk, Compression::None).unwrap())
+                .unwrap();
         }
         let sent = source.summary();
         let err = receiver.finish(sent.stream_bytes, &[0u8; 32]).unwrap_err();
@@ -552,11 +638,19 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         fs::write(src.path().join("zeros"), vec![0u8; 8 << 20]).unwrap();
         let area = tempfile::tempdir().unwrap();
-        let p = TransferParams { chunk_size: MAX_CHUNK_SIZE, ..params(Compression::Gzip) };
-        let limits = ArchiveLimits { max_expansion_ratio: 50, ..ArchiveLimits::default() };
+        let p = TransferParams {
+            chunk_size: MAX_CHUNK_SIZE,
+            ..params(Compression::Gzip)
+        };
+        let limits = ArchiveLimits {
+            max_expansion_ratio: 50,
+            ..ArchiveLimits::default()
+        };
         let mut receiver = Receiver::open(area.path(), p.clone(), limits).unwrap();
-        let mut source =
-            ChunkSource::new(walk_dir(src.path(), StorePath::root(), WalkOptions::default()).unwrap(), p.chunk_size);
+        let mut source = ChunkSource::new(
+            walk_dir(src.path(), StorePath::root(), WalkOptions::default()).unwrap(),
+            p.chunk_size,
+        );
         let mut refused = None;
         while let Some(chunk) = source.next_chunk().unwrap() {
             if let Err(e) = receiver.accept(&seal(&chunk, Compression::Gzip).unwrap()) {
@@ -564,6 +658,9 @@ mod tests {
                 break;
             }
         }
-        assert!(matches!(refused, Some(Error::LimitExceeded(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Some(Error::LimitExceeded(_))),
+            "{refused:?}"
+        );
     }
 }

@@ -77,33 +77,52 @@ pub struct WalkOptions {
 pub fn walk_dir(dir: &Path, prefix: StorePath, options: WalkOptions) -> Result<TreeWalk> {
     let meta = fs::symlink_metadata(dir).map_err(|e| Error::io("read", dir.display(), e))?;
     if !meta.is_dir() {
-        return Err(Error::invalid("path", format!("`{}` is not a directory", dir.display())));
+        return Err(Error::invalid(
+            "path",
+            format!("`{}` is not a directory", dir.display()),
+        ));
     }
-    let mut walk = DirWalk { stack: Vec::new(), options };
+    let mut walk = DirWalk {
+        stack: Vec::new(),
+        options,
+    };
     walk.push_dir(dir.to_path_buf(), prefix)?;
     Ok(Box::new(walk))
 }
 
 /// Describes one filesystem object as a tree entry at `path`, or says why it is left out.
 pub fn describe(source: &Path, path: StorePath, options: WalkOptions) -> Result<Walked> {
-    let meta =
-        fs::symlink_metadata(source).map_err(|e| Error::io("read", source.display(), e))?;
+    let meta = fs::symlink_metadata(source).map_err(|e| Error::io("read", source.display(), e))?;
     Ok(describe_meta(source.to_path_buf(), path, &meta, options))
 }
 
-fn describe_meta(source: PathBuf, path: StorePath, meta: &fs::Metadata, options: WalkOptions) -> Walked {
+fn describe_meta(
+    source: PathBuf,
+    path: StorePath,
+    meta: &fs::Metadata,
+    options: WalkOptions,
+) -> Walked {
     let file_type = meta.file_type();
     let kind = if file_type.is_dir() {
         EntryKind::Directory
     } else if file_type.is_file() {
         if options.skip_chrislinks && path.file_name().ends_with(CHRISLINK_SUFFIX) {
-            return Walked::Skipped { path, reason: "plugins may not write .chrislink files" };
+            return Walked::Skipped {
+                path,
+                reason: "plugins may not write .chrislink files",
+            };
         }
         EntryKind::File { size: meta.len() }
     } else if file_type.is_symlink() {
-        return Walked::Skipped { path, reason: "symlinks are not sent" };
+        return Walked::Skipped {
+            path,
+            reason: "symlinks are not sent",
+        };
     } else {
-        return Walked::Skipped { path, reason: "not a regular file or directory" };
+        return Walked::Skipped {
+            path,
+            reason: "not a regular file or directory",
+        };
     };
     Walked::Entry(TreeEntry {
         path,
@@ -134,7 +153,11 @@ impl DirWalk {
             names.push(item.file_name());
         }
         names.sort_unstable_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
-        self.stack.push(DirLevel { dir, prefix, names: names.into_iter() });
+        self.stack.push(DirLevel {
+            dir,
+            prefix,
+            names: names.into_iter(),
+        });
         Ok(())
     }
 
@@ -154,7 +177,9 @@ impl DirWalk {
             };
             let path = match level.prefix.child(text) {
                 Ok(path) => path,
-                Err(reason) => return Some(Err(Error::refused(source.display(), reason.to_string()))),
+                Err(reason) => {
+                    return Some(Err(Error::refused(source.display(), reason.to_string())));
+                }
             };
             let meta = match fs::symlink_metadata(&source) {
                 Ok(meta) => meta,
@@ -164,10 +189,15 @@ impl DirWalk {
                 Err(e) => return Some(Err(Error::io("read", source.display(), e))),
             };
             let walked = describe_meta(source.clone(), path.clone(), &meta, self.options);
-            if let Walked::Entry(TreeEntry { kind: EntryKind::Directory, .. }) = &walked {
-                if let Err(error) = self.push_dir(source, path) {
-                    return Some(Err(error));
-                }
+            let is_dir = matches!(
+                &walked,
+                Walked::Entry(TreeEntry {
+                    kind: EntryKind::Directory,
+                    ..
+                })
+            );
+            if is_dir && let Err(error) = self.push_dir(source, path) {
+                return Some(Err(error));
             }
             return Some(Ok(walked));
         }
@@ -204,12 +234,24 @@ mod tests {
         fs::write(root.join("c.chrislink"), b"home/x").unwrap();
         std::os::unix::fs::symlink("/etc", root.join("d")).unwrap();
         let walked = paths(walk_dir(root, StorePath::root(), WalkOptions::default()).unwrap());
-        assert_eq!(walked, ["a", "b", "b/inner", "b/inner/z", "c.chrislink", "skip:d"]);
-        let outputs = WalkOptions { skip_chrislinks: true };
+        assert_eq!(
+            walked,
+            ["a", "b", "b/inner", "b/inner/z", "c.chrislink", "skip:d"]
+        );
+        let outputs = WalkOptions {
+            skip_chrislinks: true,
+        };
         let walked = paths(walk_dir(root, StorePath::from_api("out").unwrap(), outputs).unwrap());
         assert_eq!(
             walked,
-            ["out/a", "out/b", "out/b/inner", "out/b/inner/z", "skip:out/c.chrislink", "skip:out/d"]
+            [
+                "out/a",
+                "out/b",
+                "out/b/inner",
+                "out/b/inner/z",
+                "skip:out/c.chrislink",
+                "skip:out/d"
+            ]
         );
     }
 }

@@ -4,6 +4,10 @@
 //! conversions and checks beside them. It holds no service logic and must never depend on a
 //! service crate.
 
+pub mod job;
+
+pub use job::{FieldError, JobId, JobSpec};
+
 /// Generated code for package `dispatch.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]
 pub mod v1 {

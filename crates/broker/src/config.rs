@@ -1,0 +1,239 @@
+//! The broker's configuration: defaults, then a TOML file, then `DISPATCH_BROKER_*`
+//! environment variables, then command-line flags, checked once at start.
+//!
+//! The environment is passed in as a map so tests never touch the process environment.
+//! A nested key is spelled with `__` in the environment: `DISPATCH_BROKER_LIMITS__MAX_ENTRIES`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::grant::GrantKey;
+use crate::tar_decode::ArchiveLimits;
+use crate::transfer::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+
+/// Prefix of the environment variables the broker reads.
+pub const ENV_PREFIX: &str = "DISPATCH_BROKER_";
+
+/// Everything the broker can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Version of this file's format; only 1 exists.
+    pub version: u32,
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// The storeBase directory this broker fronts.
+    pub store_root: PathBuf,
+    /// File holding the secret grants are signed with (shared with the coordinator).
+    pub grant_key_file: Option<PathBuf>,
+    /// Serve without checking grants. Only for a broker on loopback used by one person.
+    pub insecure_no_auth: bool,
+    /// Chunk size when a client does not choose one, in bytes.
+    pub default_chunk_size: u32,
+    /// What an incoming archive may contain.
+    pub limits: ArchiveLimits,
+    /// Flush the filesystem before reporting a transfer done, so a power loss cannot
+    /// lose what was acknowledged.
+    pub sync_on_commit: bool,
+    /// How long in-flight transfers get to checkpoint after SIGTERM, in seconds.
+    pub shutdown_grace_seconds: u64,
+    /// Interrupted transfers not resumed within this many hours are removed at start.
+    pub transfer_ttl_hours: u64,
+    /// Log as JSON lines instead of text.
+    pub log_json: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            version: 1,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            store_root: PathBuf::from("/var/local/storeBase"),
+            grant_key_file: None,
+            insecure_no_auth: false,
+            default_chunk_size: DEFAULT_CHUNK_SIZE,
+            limits: ArchiveLimits::default(),
+            sync_on_commit: true,
+            shutdown_grace_seconds: 30,
+            transfer_ttl_hours: 48,
+            log_json: false,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl BrokerConfig {
+    /// Layers defaults, the file (if any), the environment and the flag overrides (each a
+    /// dotted key and a TOML value), then checks the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        overrides: &[(String, toml::Value)],
+    ) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::try_from(Self::default())
+            .map_err(|e| ConfigError(format!("defaults: {e}")))?;
+        if let Some(file) = file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", file.display())))?;
+            let from_file: toml::Table = text
+                .parse()
+                .map_err(|e| ConfigError(format!("{}: {e}", file.display())))?;
+            merge(&mut table, from_file);
+        }
+        for (name, raw) in env {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = key.split("__").map(str::to_lowercase).collect();
+            set_path(&mut table, &path, env_value(raw));
+        }
+        for (key, value) in overrides {
+            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            set_path(&mut table, &path, value.clone());
+        }
+        let config: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.version != 1 {
+            return Err(ConfigError(format!(
+                "version {} is not supported; use version = 1",
+                self.version
+            )));
+        }
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.default_chunk_size) {
+            return Err(ConfigError(format!(
+                "default_chunk_size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
+                self.default_chunk_size
+            )));
+        }
+        if self.grant_key_file.is_none() && !self.insecure_no_auth {
+            return Err(ConfigError(
+                "no grant_key_file: give --grant-key-file (a file with a secret of 16+ bytes shared with the coordinator), or --insecure-no-auth for a private loopback broker".into(),
+            ));
+        }
+        if self.limits.max_expansion_ratio == 0 || self.limits.max_entries == 0 {
+            return Err(ConfigError(
+                "limits.max_expansion_ratio and limits.max_entries must be above 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The grant key, read from `grant_key_file`; `None` when auth is off.
+    pub fn grant_key(&self) -> Result<Option<GrantKey>, ConfigError> {
+        let Some(path) = &self.grant_key_file else {
+            return Ok(None);
+        };
+        let secret = std::fs::read(path)
+            .map_err(|e| ConfigError(format!("grant_key_file {}: {e}", path.display())))?;
+        GrantKey::from_secret(&secret)
+            .map(Some)
+            .map_err(|e| ConfigError(format!("grant_key_file {}: {e}", path.display())))
+    }
+}
+
+/// An environment value as TOML when it parses as a number or boolean, else as text.
+fn env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut table) => match table.remove("v") {
+            Some(
+                value @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)),
+            ) => value,
+            _ => toml::Value::String(raw.to_owned()),
+        },
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => merge(inner, value),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut at = table;
+    for key in parents {
+        let entry = at
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(inner) = entry else {
+            return;
+        };
+        at = inner;
+    }
+    at.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("broker.toml");
+        std::fs::write(
+            &file,
+            "store_root = \"/from/file\"\ninsecure_no_auth = true\n[limits]\nmax_entries = 10\n",
+        )
+        .unwrap();
+        let env = BTreeMap::from([
+            (
+                "DISPATCH_BROKER_LIMITS__MAX_ENTRIES".to_owned(),
+                "20".to_owned(),
+            ),
+            (
+                "DISPATCH_BROKER_LISTEN".to_owned(),
+                "127.0.0.1:9999".to_owned(),
+            ),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ]);
+        let flags = [(
+            "store_root".to_owned(),
+            toml::Value::String("/from/flag".into()),
+        )];
+        let config = BrokerConfig::load(Some(&file), &env, &flags).unwrap();
+        assert_eq!(config.store_root, PathBuf::from("/from/flag"));
+        assert_eq!(config.limits.max_entries, 20);
+        assert_eq!(config.listen.port(), 9999);
+
+        let env = BTreeMap::from([("DISPATCH_BROKER_LIMTS__MAX".to_owned(), "1".to_owned())]);
+        let err = BrokerConfig::load(Some(&file), &env, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limts"), "{err}");
+    }
+
+    #[test]
+    fn refuses_to_start_without_auth_unless_told() {
+        let err = BrokerConfig::load(None, &BTreeMap::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grant_key_file"), "{err}");
+    }
+}

@@ -1,0 +1,108 @@
+//! The receiving loop shared by the broker's upload handler and the client's download:
+//! apply chunks, then on the sender's final word verify, sync, publish and clean up; on
+//! an interruption keep a resumable journal; on a refusal discard what arrived.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use dispatch_proto::v1 as pb;
+
+use crate::error::{Error, Result};
+use crate::path::StorePath;
+use crate::store::{ExistingPolicy, Store};
+use crate::transfer::{Receiver, TreeSummary};
+
+/// What the network side hands the receiving loop.
+pub(crate) enum Incoming {
+    /// The next chunk.
+    Chunk(pb::Chunk),
+    /// The sender's last word: the stream's length and its tree digest.
+    Finish {
+        /// Length of the whole tar stream.
+        stream_bytes: u64,
+        /// The sender's digest.
+        digest: Bytes,
+    },
+}
+
+/// Where a received tree lands, and how.
+pub(crate) struct Landing {
+    pub store: Arc<dyn Store>,
+    pub transfer_id: String,
+    pub destination: StorePath,
+    pub policy: ExistingPolicy,
+    pub sync: bool,
+}
+
+/// After an error: is the transfer worth resuming?
+fn keeps_transfer(error: &Error) -> bool {
+    !matches!(
+        error,
+        Error::EntryRefused { .. }
+            | Error::LimitExceeded(_)
+            | Error::MalformedArchive { .. }
+            | Error::DigestMismatch { .. }
+            | Error::InvalidArgument { .. }
+    )
+}
+
+impl Landing {
+    /// Runs on a blocking thread until the sender finishes (`Ok(Some)`), the channel closes
+    /// first (`Ok(None)`, journal saved), or something fails.
+    pub fn receive(
+        &self,
+        mut receiver: Receiver,
+        mut incoming: mpsc::Receiver<Incoming>,
+        mut on_progress: impl FnMut(u64),
+    ) -> Result<Option<TreeSummary>> {
+        let finish = loop {
+            match incoming.blocking_recv() {
+                Some(Incoming::Chunk(chunk)) => {
+                    if let Err(error) = receiver.accept(&chunk) {
+                        if matches!(error, Error::CorruptChunk { .. } | Error::OutOfOrder { .. }) {
+                            // Nothing of the refused chunk was applied: save the state so
+                            // the retry starts right at it.
+                            receiver.checkpoint()?;
+                        }
+                        return Err(self.after_error(error));
+                    }
+                    on_progress(receiver.next_offset());
+                }
+                Some(Incoming::Finish {
+                    stream_bytes,
+                    digest,
+                }) => break (stream_bytes, digest),
+                None => {
+                    receiver.checkpoint()?;
+                    return Ok(None);
+                }
+            }
+        };
+        let (stream_bytes, digest) = finish;
+        let landed = receiver
+            .finish(stream_bytes, &digest)
+            .and_then(|(summary, staged)| {
+                if self.sync {
+                    self.store.sync()?;
+                }
+                self.store
+                    .publish(&staged, &self.destination, self.policy)?;
+                self.store.discard_transfer(&self.transfer_id)?;
+                Ok(summary)
+            });
+        landed.map(Some).map_err(|error| self.after_error(error))
+    }
+
+    fn after_error(&self, error: Error) -> Error {
+        if !keeps_transfer(&error)
+            && let Err(e) = self.store.discard_transfer(&self.transfer_id)
+        {
+            {
+                tracing::warn!(transfer = %self.transfer_id, error = %e, "could not discard a refused transfer");
+            }
+        }
+        error
+    }
+}
