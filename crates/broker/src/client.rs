@@ -494,6 +494,7 @@ impl BrokerClient {
                     let finish = Incoming::Finish {
                         stream_bytes: trailer.stream_bytes,
                         digest: trailer.tree_digest,
+                        skipped: trailer.skipped,
                     };
                     let _ = work.send(finish).await;
                     break Ok(());

@@ -283,9 +283,8 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
         .source
         .canonicalize()
         .with_context(|| format!("cannot read {}", args.source.display()))?;
-    // The source directory is read as a store of its own; nothing is written into it
-    // but the store's id file.
-    let store = LocalStore::open(&source_dir)?;
+    // The source directory is read as a store of its own, without writing into it.
+    let store = LocalStore::read_only(&source_dir)?;
     let mut client = BrokerClient::connect(&args.remote.broker, args.remote.grant.as_deref())?;
     let source = Source::Tree {
         path: StorePath::root(),

@@ -24,6 +24,8 @@ pub(crate) enum Incoming {
         stream_bytes: u64,
         /// The sender's digest.
         digest: Bytes,
+        /// Entries the sender left out on purpose, for the summary.
+        skipped: u64,
     },
 }
 
@@ -73,17 +75,21 @@ impl Landing {
                 Some(Incoming::Finish {
                     stream_bytes,
                     digest,
-                }) => break (stream_bytes, digest),
+                    skipped,
+                }) => {
+                    break (stream_bytes, digest, skipped);
+                }
                 None => {
                     receiver.checkpoint()?;
                     return Ok(None);
                 }
             }
         };
-        let (stream_bytes, digest) = finish;
+        let (stream_bytes, digest, skipped) = finish;
         let landed = receiver
             .finish(stream_bytes, &digest)
-            .and_then(|(summary, staged)| {
+            .and_then(|(mut summary, staged)| {
+                summary.counts.skipped = skipped;
                 if self.sync {
                     self.store.sync()?;
                 }

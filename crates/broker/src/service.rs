@@ -275,6 +275,7 @@ async fn forward_upload(
                 let finish = Incoming::Finish {
                     stream_bytes: commit.stream_bytes,
                     digest: commit.tree_digest,
+                    skipped: 0,
                 };
                 let _ = work.send(finish).await;
                 return;

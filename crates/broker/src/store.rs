@@ -97,7 +97,7 @@ pub enum ExistingPolicy {
 /// Calls block (filesystem work); async callers run them on a blocking thread.
 pub trait Store: Send + Sync + 'static {
     /// Random id of this store, stable across restarts: two brokers that see the same id
-    /// at the same root share a filesystem.
+    /// at the same root share a filesystem. Empty for a read-only store.
     fn id(&self) -> &str;
 
     /// The root directory on this machine's filesystem.
@@ -192,6 +192,24 @@ impl LocalStore {
             Err(e) => return Err(Error::io("read", id_path.display(), e)),
         };
         Ok(Self { root, id })
+    }
+
+    /// A directory read as a store without writing anything into it: the source of an
+    /// upload from a user's own directory. Transfers into it are refused.
+    pub fn read_only(root: &Path) -> Result<Self> {
+        let root = root
+            .canonicalize()
+            .map_err(|e| Error::io("resolve", root.display(), e))?;
+        if !root.is_dir() {
+            return Err(Error::invalid(
+                "source",
+                format!("`{}` is not a directory", root.display()),
+            ));
+        }
+        Ok(Self {
+            root,
+            id: String::new(),
+        })
     }
 
     /// The id of the store at `root` if there is one, without creating anything: how a
@@ -411,13 +429,14 @@ impl Store for LocalStore {
                 if fs::symlink_metadata(&at).is_err() {
                     return Err(Error::NotFound(path.to_string()));
                 }
-                tree::walk_dir(
-                    &at,
-                    StorePath::root(),
-                    WalkOptions {
-                        skip_chrislinks: *skip_chrislinks,
-                    },
-                )
+                // The store's own directory is never part of a tree, even one walked from
+                // the root.
+                let exclude_at_root = path.is_root().then_some(RESERVED_DIR);
+                let options = WalkOptions {
+                    skip_chrislinks: *skip_chrislinks,
+                    exclude_at_root,
+                };
+                tree::walk_dir(&at, StorePath::root(), options)
             }
             Source::JobInputs {
                 input_dirs,
@@ -433,6 +452,12 @@ impl Store for LocalStore {
 
     fn transfer_area(&self, transfer_id: &str) -> Result<PathBuf> {
         check_transfer_id(transfer_id)?;
+        if self.id.is_empty() {
+            return Err(Error::PermissionDenied(format!(
+                "`{}` was opened read-only",
+                self.root.display()
+            )));
+        }
         let area = self.transfers_dir().join(transfer_id);
         fs::create_dir_all(&area).map_err(|e| Error::io("create directory", area.display(), e))?;
         Ok(area)

@@ -111,6 +111,9 @@ pub struct TarDecoder {
     root: ExtractRoot,
     limits: ArchiveLimits,
     file: Option<File>,
+    /// Directories written and the mtime they should end with: applied once their
+    /// contents are all in place (writing into a directory changes its mtime).
+    dir_times: Vec<(StorePath, u64)>,
 }
 
 impl TarDecoder {
@@ -121,6 +124,7 @@ impl TarDecoder {
             root,
             limits,
             file: None,
+            dir_times: Vec::new(),
         }
     }
 
@@ -144,12 +148,19 @@ impl TarDecoder {
             root,
             limits,
             file,
+            dir_times: Vec::new(),
         })
     }
 
     /// The state to save; call only between [`TarDecoder::feed`] calls.
     pub fn state(&self) -> &DecoderState {
         &self.state
+    }
+
+    /// Directory mtimes recorded since the last call, to be applied when the tree is
+    /// complete (see [`set_dir_times`]).
+    pub fn take_dir_times(&mut self) -> Vec<(StorePath, u64)> {
+        std::mem::take(&mut self.dir_times)
     }
 
     /// True once the end-of-archive marker has been read.
@@ -402,6 +413,7 @@ impl TarDecoder {
                 if !path.is_root() {
                     self.state.counts.directories += 1;
                 }
+                self.dir_times.push((path, header.mtime().unwrap_or(0)));
                 self.skip_data(size);
             }
             tar::EntryType::Symlink => {
@@ -469,6 +481,21 @@ impl TarDecoder {
         }
         Ok(())
     }
+}
+
+/// Gives directories under `root` the mtimes their archive entries carried.
+pub fn set_dir_times(
+    root: &std::path::Path,
+    times: impl IntoIterator<Item = (StorePath, u64)>,
+) -> Result<()> {
+    for (path, mtime) in times {
+        let at = path.under(root);
+        // A directory replaced or gone by now is not an error: there is nothing to date.
+        let Ok(dir) = File::open(&at) else { continue };
+        dir.set_modified(UNIX_EPOCH + Duration::from_secs(mtime))
+            .map_err(|e| Error::io("set mtime of", &path, e))?;
+    }
+    Ok(())
 }
 
 fn padding_or_header(padding: u64) -> Phase {

@@ -253,6 +253,8 @@ struct Journal {
 
 const JOURNAL: &str = "journal.json";
 const HASHES: &str = "chunks.bin";
+/// Directory mtimes to apply at the end, one `<mtime> <path>` line each.
+const DIR_TIMES: &str = "dir-times.txt";
 /// Directory inside a transfer area where the tree is assembled.
 pub const STAGED_TREE: &str = "tree";
 
@@ -438,6 +440,7 @@ impl Receiver {
             .write_all(&self.unsaved_hashes)
             .map_err(|e| Error::io("write", hashes_path(), e))?;
         self.unsaved_hashes.clear();
+        self.save_dir_times()?;
         self.journal.decoder = self.decoder.state().clone();
         let bytes = serde_json::to_vec(&self.journal).map_err(|e| {
             Error::io(
@@ -452,6 +455,45 @@ impl Receiver {
             .map_err(|e| Error::io("rename", tmp.display(), e))?;
         self.since_checkpoint = 0;
         Ok(())
+    }
+
+    fn save_dir_times(&mut self) -> Result<()> {
+        let times = self.decoder.take_dir_times();
+        if times.is_empty() {
+            return Ok(());
+        }
+        let path = self.area.join(DIR_TIMES);
+        let mut text = String::new();
+        for (dir, mtime) in times {
+            text.push_str(&format!("{mtime} {}\n", dir.as_str()));
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io("open", path.display(), e))?;
+        file.write_all(text.as_bytes())
+            .map_err(|e| Error::io("write", path.display(), e))
+    }
+
+    fn apply_dir_times(&self) -> Result<()> {
+        use std::io::BufRead;
+        let path = self.area.join(DIR_TIMES);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("open", path.display(), e)),
+        };
+        let tree = self.area.join(STAGED_TREE);
+        let lines = std::io::BufReader::new(file).lines();
+        let times = lines.map_while(|line| line.ok()).filter_map(|line| {
+            let (mtime, dir) = line.split_once(' ')?;
+            Some((
+                crate::path::StorePath::from_archive(dir.as_bytes()).ok()?,
+                mtime.parse().ok()?,
+            ))
+        });
+        crate::tar_decode::set_dir_times(&tree, times)
     }
 
     /// Checks the stream is complete and its digest is the sender's; returns the summary
@@ -484,6 +526,7 @@ impl Receiver {
                 receiver: hex(&digest),
             });
         }
+        self.apply_dir_times()?;
         let summary = TreeSummary {
             counts: self.decoder.state().counts,
             stream_bytes,

@@ -70,6 +70,9 @@ pub type TreeWalk = Box<dyn Iterator<Item = Result<Walked>> + Send>;
 pub struct WalkOptions {
     /// Leave out `*.chrislink` files: plugins may not author links (pfcon#175).
     pub skip_chrislinks: bool,
+    /// A name left out (and not descended into) at the walk's root: a store's own
+    /// bookkeeping directory.
+    pub exclude_at_root: Option<&'static str>,
 }
 
 /// Walks the directory `dir` lazily: `dir` itself is the root and is not an entry; paths
@@ -163,11 +166,15 @@ impl DirWalk {
 
     fn next_item(&mut self) -> Option<Result<Walked>> {
         loop {
+            let at_root = self.stack.len() == 1;
             let level = self.stack.last_mut()?;
             let Some(name) = level.names.next() else {
                 self.stack.pop();
                 continue;
             };
+            if at_root && self.options.exclude_at_root.is_some_and(|x| name == x) {
+                continue;
+            }
             let source = level.dir.join(&name);
             let Some(text) = name.to_str() else {
                 return Some(Err(Error::refused(
@@ -240,6 +247,7 @@ mod tests {
         );
         let outputs = WalkOptions {
             skip_chrislinks: true,
+            exclude_at_root: None,
         };
         let walked = paths(walk_dir(root, StorePath::from_api("out").unwrap(), outputs).unwrap());
         assert_eq!(
