@@ -64,6 +64,36 @@ pub struct TransferOptions {
     pub retry_delay: Duration,
     /// Stops the transfer (it stays resumable).
     pub cancel: CancellationToken,
+    /// Caps the rate, in stream bytes per second, so a transfer does not take a shared
+    /// link whole (like rsync's `--bwlimit`).
+    pub max_bytes_per_second: Option<u64>,
+}
+
+/// Paces a stream to a rate: how long to wait before sending the next bytes.
+struct Pacer {
+    rate: Option<u64>,
+    started: std::time::Instant,
+    sent: u64,
+}
+
+impl Pacer {
+    fn new(rate: Option<u64>) -> Self {
+        Self {
+            rate: rate.filter(|r| *r > 0),
+            started: std::time::Instant::now(),
+            sent: 0,
+        }
+    }
+
+    /// Records `bytes` sent; returns how long to wait to stay under the rate.
+    fn pace(&mut self, bytes: u64) -> Duration {
+        self.sent += bytes;
+        let Some(rate) = self.rate else {
+            return Duration::ZERO;
+        };
+        let due = Duration::from_secs_f64(self.sent as f64 / rate as f64);
+        due.saturating_sub(self.started.elapsed())
+    }
 }
 
 impl Default for TransferOptions {
@@ -76,6 +106,7 @@ impl Default for TransferOptions {
             max_attempts: 20,
             retry_delay: Duration::from_millis(100),
             cancel: CancellationToken::new(),
+            max_bytes_per_second: None,
         }
     }
 }
@@ -276,10 +307,13 @@ impl BrokerClient {
         let resumes = attempt_offsets.len().saturating_sub(1) as u32;
 
         let (store, source, compression) = (store.clone(), source.clone(), options.compression);
+        let rate = options.max_bytes_per_second;
         let producer = tokio::task::spawn_blocking(move || -> Result<TreeSummary> {
             let mut chunks = ChunkSource::new(store.walk(&source)?, accepted.chunk_size);
             chunks.skip_to(accepted.resume_offset)?;
+            let mut pacer = Pacer::new(rate);
             while let Some(chunk) = chunks.next_chunk()? {
+                let chunk_len = chunk.data.len() as u64;
                 let message = pb::upload_request::Message::Chunk(seal(&chunk, compression)?);
                 if requests
                     .blocking_send(pb::UploadRequest {
@@ -289,6 +323,7 @@ impl BrokerClient {
                 {
                     return Err(Error::Peer("the broker closed the upload".into()));
                 }
+                std::thread::sleep(pacer.pace(chunk_len));
                 if let Some(progress) = &progress {
                     progress(Progress {
                         done: chunks.offset(),
@@ -479,11 +514,13 @@ impl BrokerClient {
                 }
             })
         });
+        let mut pacer = Pacer::new(options.max_bytes_per_second);
         let streamed = loop {
             match responses.message().await {
                 Ok(Some(pb::DownloadResponse {
                     message: Some(pb::download_response::Message::Chunk(chunk)),
                 })) => {
+                    tokio::time::sleep(pacer.pace(u64::from(chunk.length))).await;
                     if work.send(Incoming::Chunk(chunk)).await.is_err() {
                         break Ok(());
                     }

@@ -40,6 +40,9 @@ pub struct BrokerConfig {
     pub sync_on_commit: bool,
     /// How long in-flight transfers get to checkpoint after SIGTERM, in seconds.
     pub shutdown_grace_seconds: u64,
+    /// Bytes received between two saves of a transfer's journal: what a crash can cost to
+    /// resend, against one small file write per save.
+    pub checkpoint_bytes: u64,
     /// Interrupted transfers not resumed within this many hours are removed at start.
     pub transfer_ttl_hours: u64,
     /// Log as JSON lines instead of text.
@@ -58,6 +61,7 @@ impl Default for BrokerConfig {
             limits: ArchiveLimits::default(),
             sync_on_commit: true,
             shutdown_grace_seconds: 30,
+            checkpoint_bytes: crate::transfer::DEFAULT_CHECKPOINT_BYTES,
             transfer_ttl_hours: 48,
             log_json: false,
         }

@@ -108,6 +108,9 @@ struct Remote {
     /// Attempts before giving up when the connection keeps failing.
     #[arg(long, default_value_t = 20)]
     max_attempts: u32,
+    /// Cap the rate at this many MiB/s, to leave room on a shared link.
+    #[arg(long, value_name = "MIB_PER_S")]
+    bwlimit: Option<f64>,
 }
 
 #[derive(Args)]
@@ -249,6 +252,7 @@ fn options(remote: &Remote) -> TransferOptions {
         },
         replace: remote.replace,
         max_attempts: remote.max_attempts,
+        max_bytes_per_second: remote.bwlimit.map(|mib| (mib * f64::from(1 << 20)) as u64),
         ..TransferOptions::default()
     }
 }
@@ -300,6 +304,16 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
             Some(progress_printer("pushed")),
         )
         .await?;
+    if outcome
+        .attempt_offsets
+        .first()
+        .is_some_and(|offset| *offset > 0)
+    {
+        println!(
+            "resumed an earlier attempt at byte {}",
+            outcome.attempt_offsets[0]
+        );
+    }
     println!(
         "pushed {} files ({} bytes) to {} in transfer {}; digest {}; resumed {} times",
         outcome.summary.counts.files,
@@ -340,6 +354,16 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
             Some(progress_printer("pulled")),
         )
         .await?;
+    if outcome
+        .attempt_offsets
+        .first()
+        .is_some_and(|offset| *offset > 0)
+    {
+        println!(
+            "resumed an earlier attempt at byte {}",
+            outcome.attempt_offsets[0]
+        );
+    }
     println!(
         "pulled {} files ({} bytes) into {}; digest {}; resumed {} times",
         outcome.summary.counts.files,

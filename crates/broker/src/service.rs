@@ -355,8 +355,13 @@ impl Broker for BrokerService {
             self.inner.config.limits,
             transfer_id.clone(),
         );
-        let receiver =
-            blocking(move || Receiver::open(&store.transfer_area(&id)?, params, limits)).await?;
+        let checkpoint_bytes = self.inner.config.checkpoint_bytes;
+        let receiver = blocking(move || {
+            let mut receiver = Receiver::open(&store.transfer_area(&id)?, params, limits)?;
+            receiver.set_checkpoint_bytes(checkpoint_bytes);
+            Ok(receiver)
+        })
+        .await?;
         tracing::info!(transfer = %transfer_id, destination = %destination, subject = %grant.sub,
             resume_offset = receiver.next_offset(), "upload opened");
 

@@ -28,8 +28,9 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 pub const MIN_CHUNK_SIZE: u32 = 16 << 10;
 /// Largest chunk size accepted: keeps each message well under gRPC's size limit.
 pub const MAX_CHUNK_SIZE: u32 = 4 << 20;
-/// The receiver saves its journal after this many bytes: what a crash can cost to resend.
-const CHECKPOINT_BYTES: u64 = 32 << 20;
+/// The receiver saves its journal after this many bytes by default: what a crash can cost
+/// to resend.
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 32 << 20;
 /// The expansion ratio is judged only after this many tar bytes, so small archives of
 /// zeros are not refused.
 const RATIO_GRACE_BYTES: u64 = 1 << 20;
@@ -268,6 +269,7 @@ pub struct Receiver {
     unsaved_hashes: Vec<u8>,
     since_checkpoint: u64,
     limits: ArchiveLimits,
+    checkpoint_bytes: u64,
     scratch: Vec<u8>,
 }
 
@@ -343,10 +345,16 @@ impl Receiver {
             unsaved_hashes: Vec::new(),
             since_checkpoint: 0,
             limits,
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             scratch: Vec::new(),
         };
         receiver.checkpoint()?;
         Ok(receiver)
+    }
+
+    /// Saves the journal every `bytes` of stream instead of the default.
+    pub fn set_checkpoint_bytes(&mut self, bytes: u64) {
+        self.checkpoint_bytes = bytes.max(1);
     }
 
     /// The offset the sender must send next.
@@ -427,7 +435,7 @@ impl Receiver {
         self.journal.wire_bytes = wire_bytes;
         self.journal.short_chunk_seen = chunk.length < chunk_size;
         self.since_checkpoint += u64::from(chunk.length);
-        if self.since_checkpoint >= CHECKPOINT_BYTES {
+        if self.since_checkpoint >= self.checkpoint_bytes {
             self.checkpoint()?;
         }
         Ok(())

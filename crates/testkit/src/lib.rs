@@ -179,20 +179,27 @@ pub struct BrokerBinary {
     pub address: SocketAddr,
     child: Child,
     log: PathBuf,
+    log_writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl BrokerBinary {
     /// Starts `dispatch-broker` on `store_root`, on `listen` (port 0 for any), and waits
-    /// for its "broker serving" log line to learn its address.
+    /// for its "broker serving" log line to learn its address. `env` adds
+    /// `DISPATCH_BROKER_*` settings.
     pub fn start(
         binary: &Path,
         store_root: &Path,
         key: &TestKey,
         listen: SocketAddr,
         log: PathBuf,
+        env: &[(&str, &str)],
     ) -> Result<Self> {
-        let log_file = std::fs::File::create(&log)?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut child = Command::new(binary)
+            .envs(env.iter().copied())
             .arg("--listen")
             .arg(listen.to_string())
             .arg("--store-root")
@@ -224,7 +231,7 @@ impl BrokerBinary {
             seen.push(plain);
         };
         // Keep draining its log into the file so the pipe never fills.
-        std::thread::spawn(move || {
+        let log_writer = std::thread::spawn(move || {
             let mut log_file = log_file;
             for line in seen.into_iter().map(Ok).chain(lines) {
                 let Ok(line) = line else { break };
@@ -239,6 +246,7 @@ impl BrokerBinary {
             address,
             child,
             log,
+            log_writer: Some(log_writer),
         })
     }
 
@@ -256,7 +264,15 @@ impl BrokerBinary {
     pub fn kill(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
+        self.finish_log();
         Ok(())
+    }
+
+    /// Waits until everything the process logged is in the log file.
+    fn finish_log(&mut self) {
+        if let Some(writer) = self.log_writer.take() {
+            let _ = writer.join();
+        }
     }
 
     /// Sends SIGTERM and waits for it to exit; returns whether it exited cleanly.
@@ -268,7 +284,9 @@ impl BrokerBinary {
         if !status.success() {
             bail!("could not signal the broker");
         }
-        Ok(self.child.wait()?.success())
+        let status = self.child.wait()?;
+        self.finish_log();
+        Ok(status.success())
     }
 
     /// Its log so far.
@@ -425,7 +443,7 @@ pub fn write_varied_tree(root: &Path, small_files: usize, large_bytes: u64) -> R
 }
 
 /// A TCP proxy that forwards to `target` but cuts each of the first `cuts` connections
-/// once `after_bytes` have passed client-to-server: a dropped link on demand.
+/// once `after_bytes` have passed (both directions counted): a dropped link on demand.
 pub struct FlakyProxy {
     /// `http://127.0.0.1:<port>` of the proxy.
     pub uri: String,
@@ -484,7 +502,8 @@ impl Drop for FlakyProxy {
     }
 }
 
-/// Relays both ways; returns true if it cut the connection on purpose.
+/// Relays both ways; returns true if it cut the connection on purpose (once `limit`
+/// bytes have passed, counting both directions).
 async fn relay(
     client: TcpStream,
     server: TcpStream,
@@ -493,37 +512,34 @@ async fn relay(
 ) -> bool {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
-    let down = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-    });
-    let mut sent = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut cut = false;
+    let mut up = vec![0u8; 64 * 1024];
+    let mut down = vec![0u8; 64 * 1024];
+    let mut passed = 0u64;
     loop {
-        let Ok(n) = client_read.read(&mut buf).await else {
-            break;
+        let room = limit.map_or(usize::MAX, |limit| (limit - passed) as usize);
+        let moved = tokio::select! {
+            read = client_read.read(&mut up) => match read {
+                Ok(n) if n > 0 => {
+                    let n = n.min(room);
+                    total.fetch_add(n as u64, Ordering::SeqCst);
+                    server_write.write_all(&up[..n]).await.map(|()| n)
+                }
+                _ => return false,
+            },
+            read = server_read.read(&mut down) => match read {
+                Ok(n) if n > 0 => {
+                    let n = n.min(room);
+                    client_write.write_all(&down[..n]).await.map(|()| n)
+                }
+                _ => return false,
+            },
         };
-        if n == 0 {
-            break;
-        }
-        let n = match limit {
-            Some(limit) if sent + n as u64 >= limit => {
-                cut = true;
-                (limit - sent) as usize
-            }
-            _ => n,
-        };
-        if server_write.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-        sent += n as u64;
-        total.fetch_add(n as u64, Ordering::SeqCst);
-        if cut {
-            break;
+        let Ok(moved) = moved else { return false };
+        passed += moved as u64;
+        if limit.is_some_and(|limit| passed >= limit) {
+            return true;
         }
     }
-    down.abort();
-    cut
 }
 
 /// Builds tar streams by hand, including entries no well-behaved archiver would write.
