@@ -16,6 +16,9 @@ use crate::transfer::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 /// Prefix of the environment variables the broker reads.
 pub const ENV_PREFIX: &str = "DISPATCH_BROKER_";
+/// Variables with the prefix that are not configuration keys: the config file's path,
+/// and the broker address the `push`/`pull` commands use.
+const ENV_NOT_KEYS: [&str; 2] = ["CONFIG", "URI"];
 
 /// Everything the broker can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,6 +98,9 @@ impl BrokerConfig {
             let Some(key) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            if ENV_NOT_KEYS.contains(&key) {
+                continue;
+            }
             let path: Vec<String> = key.split("__").map(str::to_lowercase).collect();
             set_path(&mut table, &path, env_value(raw));
         }
@@ -216,6 +222,10 @@ mod tests {
                 "127.0.0.1:9999".to_owned(),
             ),
             ("UNRELATED".to_owned(), "x".to_owned()),
+            (
+                "DISPATCH_BROKER_URI".to_owned(),
+                "http://elsewhere".to_owned(),
+            ),
         ]);
         let flags = [(
             "store_root".to_owned(),

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The test command: every tier the project has, in one run, as CI runs it.
+#
+# Runs on a fresh machine with a Rust toolchain: nothing else is installed yet, because
+# the broker's tests need only loopback TCP and a writable temp dir (later tiers add the
+# engines they need here: Docker images, Slurm, PostgreSQL).
+#
+#   scripts/test.sh              # everything
+#   scripts/test.sh -p dispatch-broker --test resume   # extra args go to cargo test
+#
+# RETAIN_TMP=1 keeps each test's directories and logs for a look after a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# Tests start the real binaries (a killed broker, a killed client), so build them first.
+step "building binaries"
+cargo build --workspace --bins
+
+if [[ $# -gt 0 ]]; then
+    step "cargo test $*"
+    cargo test "$@"
+    exit 0
+fi
+
+# Unit, in-process server, binary and end-to-end tests. Benchmarks are not run here
+# (scripts/bench.sh), and neither is fuzzing (scripts/fuzz.sh).
+step "tests"
+cargo test --workspace --lib --bins --tests
+
+step "doc tests"
+cargo test --workspace --doc
+
+# The example configuration in deploy/ must stay loadable.
+step "deploy/ examples"
+./target/debug/dispatch-broker --config deploy/broker.example.toml --print-config > /dev/null
+echo "deploy/broker.example.toml loads"
