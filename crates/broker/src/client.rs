@@ -64,6 +64,8 @@ pub struct TransferOptions {
     pub retry_delay: Duration,
     /// Stops the transfer (it stays resumable).
     pub cancel: CancellationToken,
+    /// Flush the destination's filesystem before reporting a download done.
+    pub sync: bool,
     /// Caps the rate, in stream bytes per second, so a transfer does not take a shared
     /// link whole (like rsync's `--bwlimit`).
     pub max_bytes_per_second: Option<u64>,
@@ -107,6 +109,7 @@ impl Default for TransferOptions {
             retry_delay: Duration::from_millis(100),
             cancel: CancellationToken::new(),
             max_bytes_per_second: None,
+            sync: true,
         }
     }
 }
@@ -499,7 +502,7 @@ impl BrokerClient {
             } else {
                 ExistingPolicy::Fail
             },
-            sync: true,
+            sync: options.sync,
         };
         let total = header.stream_bytes;
         let (work, incoming) = mpsc::channel(4);

@@ -12,7 +12,7 @@ use dispatch_proto::v1 as pb;
 use crate::error::{Error, Result};
 use crate::path::StorePath;
 use crate::store::{ExistingPolicy, Store};
-use crate::transfer::{Receiver, TreeSummary};
+use crate::transfer::{Compression, Receiver, TreeSummary, VerifiedChunk, verify_chunk};
 
 /// What the network side hands the receiving loop.
 pub(crate) enum Incoming {
@@ -27,6 +27,36 @@ pub(crate) enum Incoming {
         /// Entries the sender left out on purpose, for the summary.
         skipped: u64,
     },
+}
+
+/// What the verifying thread hands the writing one.
+enum Checked {
+    Chunk(Result<VerifiedChunk>),
+    Finish(u64, Bytes, u64),
+}
+
+/// Checks each chunk as it arrives; stops at the first refused chunk, the sender's last
+/// word, or when the writer stops listening.
+fn verify_incoming(
+    mut incoming: mpsc::Receiver<Incoming>,
+    verified: &std::sync::mpsc::SyncSender<Checked>,
+    chunk_size: u32,
+    compression: Compression,
+) {
+    while let Some(item) = incoming.blocking_recv() {
+        let checked = match item {
+            Incoming::Chunk(chunk) => Checked::Chunk(verify_chunk(&chunk, chunk_size, compression)),
+            Incoming::Finish {
+                stream_bytes,
+                digest,
+                skipped,
+            } => Checked::Finish(stream_bytes, digest, skipped),
+        };
+        let last = !matches!(checked, Checked::Chunk(Ok(_)));
+        if verified.send(checked).is_err() || last {
+            return;
+        }
+    }
 }
 
 /// Where a received tree lands, and how.
@@ -56,34 +86,40 @@ impl Landing {
     pub fn receive(
         &self,
         mut receiver: Receiver,
-        mut incoming: mpsc::Receiver<Incoming>,
+        incoming: mpsc::Receiver<Incoming>,
         mut on_progress: impl FnMut(u64),
     ) -> Result<Option<TreeSummary>> {
-        let finish = loop {
-            match incoming.blocking_recv() {
-                Some(Incoming::Chunk(chunk)) => {
-                    if let Err(error) = receiver.accept(&chunk) {
-                        if matches!(error, Error::CorruptChunk { .. } | Error::OutOfOrder { .. }) {
-                            // Nothing of the refused chunk was applied: save the state so
-                            // the retry starts right at it.
-                            receiver.checkpoint()?;
+        let (chunk_size, compression) =
+            (receiver.params().chunk_size, receiver.params().compression);
+        // Checksums (and gzip) are checked on a second thread while this one writes
+        // files, so a receiver uses two cores where it has them.
+        let (verified, checked) = std::sync::mpsc::sync_channel(2);
+        let finish = std::thread::scope(|scope| {
+            scope.spawn(move || verify_incoming(incoming, &verified, chunk_size, compression));
+            for item in checked {
+                match item {
+                    Checked::Chunk(Ok(chunk)) => {
+                        if let Err(error) = receiver.apply(chunk) {
+                            return Err(self.after_error(error));
                         }
+                        on_progress(receiver.next_offset());
+                    }
+                    Checked::Chunk(Err(error)) => {
+                        // Nothing of the refused chunk was applied: save the state so the
+                        // retry starts right at it.
+                        receiver.checkpoint()?;
                         return Err(self.after_error(error));
                     }
-                    on_progress(receiver.next_offset());
-                }
-                Some(Incoming::Finish {
-                    stream_bytes,
-                    digest,
-                    skipped,
-                }) => {
-                    break (stream_bytes, digest, skipped);
-                }
-                None => {
-                    receiver.checkpoint()?;
-                    return Ok(None);
+                    Checked::Finish(stream_bytes, digest, skipped) => {
+                        return Ok(Some((stream_bytes, digest, skipped)));
+                    }
                 }
             }
+            receiver.checkpoint()?;
+            Ok(None)
+        })?;
+        let Some(finish) = finish else {
+            return Ok(None);
         };
         let (stream_bytes, digest, skipped) = finish;
         let landed = receiver

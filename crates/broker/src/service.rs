@@ -386,13 +386,20 @@ impl Broker for BrokerService {
         };
         let (work_tx, work_rx) = mpsc::channel(4);
         let worker_replies = replies.clone();
+        let failure_replies = replies.clone();
         let shutdown = self.inner.shutdown.clone();
         self.inner.tasks.spawn(async move {
             let worker = tokio::task::spawn_blocking(move || {
                 land_upload(&landing, receiver, work_rx, &worker_replies)
             });
             forward_upload(inbound, work_tx, replies, shutdown).await;
-            let _ = worker.await;
+            if let Err(failure) = worker.await {
+                // A bug, not bad input: say so rather than leave the client waiting.
+                tracing::error!(transfer = %claim.id, %failure, "upload worker failed");
+                let status =
+                    Status::internal("the broker failed while applying this upload; see its log");
+                let _ = failure_replies.send(Err(status)).await;
+            }
             drop(claim);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))

@@ -350,6 +350,7 @@ async fn stage_in(stage: StageIn, cx: Context) -> Result<()> {
         transfer_id: Some(stage_transfer_id("in", &stage.job_id)),
         compression: stage.compression,
         replace: true,
+        sync: cx.sync,
         cancel: cx.shutdown.child_token(),
         ..TransferOptions::default()
     };

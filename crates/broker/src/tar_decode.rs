@@ -268,7 +268,7 @@ impl TarDecoder {
 
     fn finish_file(&mut self, path: &str, size: u64, mtime: u64) -> Result<()> {
         if let Some(file) = self.file.take() {
-            file.set_modified(UNIX_EPOCH + Duration::from_secs(mtime))
+            file.set_modified(mtime_to_time(mtime))
                 .map_err(|e| Error::io("set mtime of", path, e))?;
         }
         self.state.phase = padding_or_header((BLOCK - size % BLOCK) % BLOCK);
@@ -414,7 +414,7 @@ impl TarDecoder {
                     self.state.counts.directories += 1;
                 }
                 self.dir_times.push((path, header.mtime().unwrap_or(0)));
-                self.skip_data(size);
+                self.skip_data(size)?;
             }
             tar::EntryType::Symlink => {
                 let target = link_name.unwrap_or_else(|| {
@@ -427,7 +427,7 @@ impl TarDecoder {
                     .map_err(|_| Error::refused(&shown, "symlink target is not valid UTF-8"))?;
                 self.root.symlink(&path, &target)?;
                 self.state.counts.symlinks += 1;
-                self.skip_data(size);
+                self.skip_data(size)?;
             }
             tar::EntryType::Link => {
                 let target = link_name.unwrap_or_else(|| {
@@ -440,7 +440,7 @@ impl TarDecoder {
                     .map_err(|e| Error::refused(&shown, format!("hard link target: {e}")))?;
                 self.root.hard_link(&path, &target)?;
                 self.state.counts.files += 1;
-                self.skip_data(size);
+                self.skip_data(size)?;
             }
             other => {
                 return Err(Error::refused(
@@ -453,8 +453,13 @@ impl TarDecoder {
     }
 
     /// Entries that carry no file still declare a size in some archivers; skip it.
-    fn skip_data(&mut self, size: u64) {
-        self.state.phase = padding_or_header(size.div_ceil(BLOCK) * BLOCK);
+    fn skip_data(&mut self, size: u64) -> Result<()> {
+        let padded = size
+            .div_ceil(BLOCK)
+            .checked_mul(BLOCK)
+            .ok_or_else(|| self.malformed(format!("declared size {size} is beyond any archive")))?;
+        self.state.phase = padding_or_header(padded);
+        Ok(())
     }
 
     fn apply_extension(&mut self, kind: Extension, data: Vec<u8>) -> Result<()> {
@@ -483,6 +488,14 @@ impl TarDecoder {
     }
 }
 
+/// Latest mtime set on disk (the last second of year 9999): later ones, which only a
+/// hostile archive carries, are clamped rather than overflowing the clock.
+const MAX_MTIME: u64 = 253_402_300_799;
+
+fn mtime_to_time(mtime: u64) -> std::time::SystemTime {
+    UNIX_EPOCH + Duration::from_secs(mtime.min(MAX_MTIME))
+}
+
 /// Gives directories under `root` the mtimes their archive entries carried.
 pub fn set_dir_times(
     root: &std::path::Path,
@@ -492,7 +505,7 @@ pub fn set_dir_times(
         let at = path.under(root);
         // A directory replaced or gone by now is not an error: there is nothing to date.
         let Ok(dir) = File::open(&at) else { continue };
-        dir.set_modified(UNIX_EPOCH + Duration::from_secs(mtime))
+        dir.set_modified(mtime_to_time(mtime))
             .map_err(|e| Error::io("set mtime of", &path, e))?;
     }
     Ok(())
@@ -675,6 +688,37 @@ mod tests {
             let err = result.unwrap_err().to_string();
             assert!(err.contains("`dev`") && err.contains(reason), "{err}");
         }
+    }
+
+    #[test]
+    fn survives_absurd_mtimes_and_sizes() {
+        // Found by fuzzing: a binary mtime near 2^63 overflowed the clock, and a link
+        // declaring a size near 2^64 overflowed the padding arithmetic.
+        let mut file = tar::Header::new_gnu();
+        file.set_entry_type(tar::EntryType::Regular);
+        file.set_size(1);
+        file.set_mode(0o644);
+        file.set_mtime(u64::MAX >> 1);
+        file.as_old_mut().name[..1].copy_from_slice(b"f");
+        file.set_cksum();
+        let mut bytes = file.as_bytes().to_vec();
+        bytes.extend_from_slice(&[b'x'; 512]);
+        let (dir, counts) = decode_all(&[bytes.clone(), vec![0; 1024]].concat(), 512);
+        counts.unwrap();
+        assert!(dir.path().join("f").exists());
+
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Directory);
+        link.set_size(u64::MAX - 3);
+        link.as_old_mut().name[..2].copy_from_slice(b"d/");
+        link.set_cksum();
+        let (_dir, result) = decode_all(&[link.as_bytes().to_vec(), vec![0; 1024]].concat(), 512);
+        assert!(
+            result
+                .unwrap_err()
+                .to_string()
+                .contains("beyond any archive")
+        );
     }
 
     #[test]

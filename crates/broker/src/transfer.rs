@@ -11,7 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use dispatch_proto::v1 as pb;
@@ -120,17 +120,25 @@ pub fn hex(bytes: &[u8]) -> String {
 pub struct ChunkSource {
     encoder: TarEncoder,
     chunk_size: usize,
-    buf: Vec<u8>,
+    /// Chunk buffers reused round-robin: a buffer is reused once every copy of the chunk
+    /// it carried has been dropped (sent), so steady streaming allocates nothing.
+    buffers: Vec<BytesMut>,
+    next_buffer: usize,
     digest: blake3::Hasher,
     finished: bool,
 }
 
+/// Chunks that may be in flight at once (channels and the gRPC encoder) before a buffer
+/// has to be allocated rather than reused.
+const BUFFER_RING: usize = 16;
+
 /// One chunk, before compression.
-pub struct RawChunk<'a> {
+#[derive(Debug, Clone)]
+pub struct RawChunk {
     /// Offset in the tar stream.
     pub offset: u64,
     /// The uncompressed bytes.
-    pub data: &'a [u8],
+    pub data: Bytes,
     /// BLAKE3 of `data`.
     pub hash: [u8; 32],
 }
@@ -141,32 +149,36 @@ impl ChunkSource {
         Self {
             encoder: TarEncoder::new(walk),
             chunk_size: chunk_size as usize,
-            buf: vec![0; chunk_size as usize],
+            buffers: (0..BUFFER_RING).map(|_| BytesMut::new()).collect(),
+            next_buffer: 0,
             digest: blake3::Hasher::new(),
             finished: false,
         }
     }
 
     /// The next chunk, or `None` after the last.
-    pub fn next_chunk(&mut self) -> Result<Option<RawChunk<'_>>> {
+    pub fn next_chunk(&mut self) -> Result<Option<RawChunk>> {
         if self.finished {
             return Ok(None);
         }
         let offset = self.encoder.offset();
-        let n = self.encoder.fill(&mut self.buf)?;
+        let buf = &mut self.buffers[self.next_buffer];
+        self.next_buffer = (self.next_buffer + 1) % BUFFER_RING;
+        // Takes the whole allocation back if the chunk it last carried is gone.
+        buf.reserve(self.chunk_size);
+        buf.resize(self.chunk_size, 0);
+        let n = self.encoder.fill(&mut buf[..])?;
         if n < self.chunk_size {
             self.finished = true;
         }
+        let data = buf.split_to(n).freeze();
+        buf.clear();
         if n == 0 {
             return Ok(None);
         }
-        let hash = *blake3::hash(&self.buf[..n]).as_bytes();
+        let hash = *blake3::hash(&data).as_bytes();
         self.digest.update(&hash);
-        Ok(Some(RawChunk {
-            offset,
-            data: &self.buf[..n],
-            hash,
-        }))
+        Ok(Some(RawChunk { offset, data, hash }))
     }
 
     /// Reads and hashes chunks up to `offset` without returning them: what a resumed
@@ -204,20 +216,38 @@ impl ChunkSource {
     }
 }
 
-/// Compresses a chunk for the wire.
-pub fn seal(chunk: &RawChunk<'_>, compression: Compression) -> Result<pb::Chunk> {
-    let data = match compression {
-        Compression::None => Bytes::copy_from_slice(chunk.data),
+/// Bytes of a chunk compressed first, to judge whether the rest is worth compressing.
+const COMPRESSION_PROBE: usize = 64 * 1024;
+
+/// Prepares a chunk for the wire. With gzip, a chunk whose first 64 KiB do not shrink by
+/// a tenth (image data, archives) is sent as it is: compressing it would cost far more
+/// CPU than it saves on the wire.
+pub fn seal(chunk: &RawChunk, compression: Compression) -> Result<pb::Chunk> {
+    let gzip = |bytes: &[u8]| -> Result<Vec<u8>> {
+        let mut encoder = flate2::write::GzEncoder::new(
+            Vec::with_capacity(bytes.len() / 2),
+            flate2::Compression::fast(),
+        );
+        encoder
+            .write_all(bytes)
+            .and_then(|()| encoder.finish())
+            .map_err(|e| Error::io("compress chunk at offset", chunk.offset, e))
+    };
+    let raw = || (chunk.data.clone(), pb::Compression::None);
+    let (data, marked) = match compression {
+        Compression::None => raw(),
         Compression::Gzip => {
-            let mut encoder = flate2::write::GzEncoder::new(
-                Vec::with_capacity(chunk.data.len() / 2),
-                flate2::Compression::fast(),
-            );
-            encoder
-                .write_all(chunk.data)
-                .and_then(|()| encoder.finish())
-                .map(Bytes::from)
-                .map_err(|e| Error::io("compress chunk at offset", chunk.offset, e))?
+            let probe = &chunk.data[..chunk.data.len().min(COMPRESSION_PROBE)];
+            if gzip(probe)?.len() * 10 > probe.len() * 9 {
+                raw()
+            } else {
+                let packed = gzip(&chunk.data)?;
+                if packed.len() < chunk.data.len() {
+                    (Bytes::from(packed), pb::Compression::Gzip)
+                } else {
+                    raw()
+                }
+            }
         }
     };
     Ok(pb::Chunk {
@@ -225,6 +255,79 @@ pub fn seal(chunk: &RawChunk<'_>, compression: Compression) -> Result<pb::Chunk>
         data,
         length: u32::try_from(chunk.data.len()).unwrap_or(u32::MAX),
         checksum: Bytes::copy_from_slice(&chunk.hash),
+        compression: marked as i32,
+    })
+}
+
+/// A chunk whose checksum has been checked, ready to apply.
+#[derive(Debug, Clone)]
+pub struct VerifiedChunk {
+    /// Offset in the tar stream.
+    pub offset: u64,
+    /// The uncompressed bytes.
+    pub data: Bytes,
+    /// Their BLAKE3 hash.
+    pub hash: [u8; 32],
+    /// Bytes it took on the wire.
+    pub wire_bytes: u64,
+}
+
+/// Decompresses (bounded by the declared length) and checks a chunk's checksum. Pure, so
+/// it can run on another thread than the one writing files.
+pub fn verify_chunk(
+    chunk: &pb::Chunk,
+    chunk_size: u32,
+    compression: Compression,
+) -> Result<VerifiedChunk> {
+    let corrupt = |reason: String| Error::CorruptChunk {
+        offset: chunk.offset,
+        reason,
+    };
+    if chunk.length == 0 || chunk.length > chunk_size {
+        return Err(corrupt(format!(
+            "length {} is outside 1..={chunk_size}",
+            chunk.length
+        )));
+    }
+    let gzipped = match pb::Compression::try_from(chunk.compression) {
+        Ok(pb::Compression::Unspecified) => compression == Compression::Gzip,
+        Ok(pb::Compression::None) => false,
+        Ok(pb::Compression::Gzip) => true,
+        Err(_) => {
+            return Err(corrupt(format!(
+                "unknown compression {}",
+                chunk.compression
+            )));
+        }
+    };
+    let data = if gzipped {
+        // Bounded: a chunk cannot inflate past its declared length (plus one byte, to
+        // notice that it tried).
+        let mut out = Vec::with_capacity(chunk.length as usize);
+        flate2::read::GzDecoder::new(&chunk.data[..])
+            .take(u64::from(chunk.length) + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| corrupt(format!("gzip data is damaged: {e}")))?;
+        Bytes::from(out)
+    } else {
+        chunk.data.clone()
+    };
+    if data.len() != chunk.length as usize {
+        return Err(corrupt(format!(
+            "carries {} bytes, declares {}",
+            data.len(),
+            chunk.length
+        )));
+    }
+    let hash = blake3::hash(&data);
+    if chunk.checksum.len() != 32 || hash.as_bytes()[..] != chunk.checksum[..] {
+        return Err(corrupt("checksum does not match its bytes".into()));
+    }
+    Ok(VerifiedChunk {
+        offset: chunk.offset,
+        data,
+        hash: *hash.as_bytes(),
+        wire_bytes: chunk.data.len() as u64,
     })
 }
 
@@ -270,7 +373,6 @@ pub struct Receiver {
     since_checkpoint: u64,
     limits: ArchiveLimits,
     checkpoint_bytes: u64,
-    scratch: Vec<u8>,
 }
 
 impl Receiver {
@@ -346,7 +448,6 @@ impl Receiver {
             since_checkpoint: 0,
             limits,
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
-            scratch: Vec::new(),
         };
         receiver.checkpoint()?;
         Ok(receiver)
@@ -378,49 +479,32 @@ impl Receiver {
                 got: chunk.offset,
             });
         }
-        let chunk_size = self.journal.params.chunk_size;
-        let corrupt = |reason: String| Error::CorruptChunk {
-            offset: chunk.offset,
-            reason,
-        };
-        if chunk.length == 0 || chunk.length > chunk_size {
-            return Err(corrupt(format!(
-                "length {} is outside 1..={chunk_size}",
-                chunk.length
-            )));
+        let verified = verify_chunk(
+            chunk,
+            self.journal.params.chunk_size,
+            self.journal.params.compression,
+        )?;
+        self.apply(verified)
+    }
+
+    /// Writes a chunk checked by [`verify_chunk`] (in order; the offset is checked here).
+    pub fn apply(&mut self, chunk: VerifiedChunk) -> Result<()> {
+        let expected = self.next_offset();
+        if chunk.offset != expected {
+            return Err(Error::OutOfOrder {
+                expected,
+                got: chunk.offset,
+            });
         }
+        let length = chunk.data.len() as u64;
         if self.journal.short_chunk_seen {
-            return Err(corrupt(
-                "a chunk follows the stream's short last chunk".into(),
-            ));
+            return Err(Error::CorruptChunk {
+                offset: chunk.offset,
+                reason: "a chunk follows the stream's short last chunk".into(),
+            });
         }
-        let raw: &[u8] = match self.journal.params.compression {
-            Compression::None => &chunk.data,
-            Compression::Gzip => {
-                self.scratch.clear();
-                // Bounded: a chunk cannot inflate past its declared length (plus one byte,
-                // to notice that it tried).
-                let mut decoder =
-                    flate2::read::GzDecoder::new(&chunk.data[..]).take(u64::from(chunk.length) + 1);
-                decoder
-                    .read_to_end(&mut self.scratch)
-                    .map_err(|e| corrupt(format!("gzip data is damaged: {e}")))?;
-                &self.scratch
-            }
-        };
-        if raw.len() != chunk.length as usize {
-            return Err(corrupt(format!(
-                "carries {} bytes, declares {}",
-                raw.len(),
-                chunk.length
-            )));
-        }
-        let hash = blake3::hash(raw);
-        if chunk.checksum.len() != 32 || hash.as_bytes()[..] != chunk.checksum[..] {
-            return Err(corrupt("checksum does not match its bytes".into()));
-        }
-        let wire_bytes = self.journal.wire_bytes + chunk.data.len() as u64;
-        let stream_bytes = expected + raw.len() as u64;
+        let wire_bytes = self.journal.wire_bytes + chunk.wire_bytes;
+        let stream_bytes = expected + length;
         if stream_bytes > RATIO_GRACE_BYTES
             && stream_bytes > wire_bytes.saturating_mul(u64::from(self.limits.max_expansion_ratio))
         {
@@ -429,12 +513,12 @@ impl Receiver {
                 self.limits.max_expansion_ratio
             )));
         }
-        self.decoder.feed(raw)?;
-        self.unsaved_hashes.extend_from_slice(hash.as_bytes());
+        self.decoder.feed(&chunk.data)?;
+        self.unsaved_hashes.extend_from_slice(&chunk.hash);
         self.journal.chunks += 1;
         self.journal.wire_bytes = wire_bytes;
-        self.journal.short_chunk_seen = chunk.length < chunk_size;
-        self.since_checkpoint += u64::from(chunk.length);
+        self.journal.short_chunk_seen = length < u64::from(self.journal.params.chunk_size);
+        self.since_checkpoint += length;
         if self.since_checkpoint >= self.checkpoint_bytes {
             self.checkpoint()?;
         }

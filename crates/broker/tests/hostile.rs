@@ -265,6 +265,7 @@ async fn a_corrupted_chunk_is_refused_and_the_transfer_resumes() -> anyhow::Resu
         data: bad.into(),
         length: chunk_size,
         checksum: blake3::hash(piece).as_bytes().to_vec().into(),
+        compression: 0,
     };
     let messages = vec![
         open.clone(),
@@ -296,8 +297,23 @@ async fn a_corrupted_chunk_is_refused_and_the_transfer_resumes() -> anyhow::Resu
         refusal.message()
     );
 
-    // The same transfer id reopens at offset 0, and the good bytes then go through.
-    let upload = upload_raw_with_id(&broker.uri, "dest", "corrupt-1", &tar, chunk_size).await?;
+    // The same transfer id reopens at offset 0, and the good bytes then go through. The
+    // broker may still be closing the first attempt: it says so (ABORTED) and a client
+    // retries, as BrokerClient does.
+    let mut attempts = 0;
+    let upload = loop {
+        match upload_raw_with_id(&broker.uri, "dest", "corrupt-1", &tar, chunk_size).await {
+            Err(e)
+                if e.downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == Code::Aborted)
+                    && attempts < 50 =>
+            {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => break other?,
+        }
+    };
     assert_eq!(upload, 0);
     assert_eq!(
         std::fs::read(dir.join("store/dest/a.txt"))?,
@@ -335,6 +351,7 @@ async fn upload_raw_with_id(
                 data: piece.to_vec().into(),
                 length: piece.len() as u32,
                 checksum: hash.as_bytes().to_vec().into(),
+                compression: 0,
             })),
         });
     }

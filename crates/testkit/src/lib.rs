@@ -631,6 +631,7 @@ pub async fn upload_raw(
                 data: data.into(),
                 length: piece.len() as u32,
                 checksum: hash.as_bytes().to_vec().into(),
+                compression: 0,
             })),
         });
     }
