@@ -4,6 +4,7 @@
 //! It is what a site broker uses to reach the hub broker, what the `dispatch` CLI uses,
 //! and what tests use as a real user would.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,6 +126,15 @@ pub struct Progress {
     pub resumes: u32,
 }
 
+impl Progress {
+    /// Nothing done yet.
+    pub const NONE: Progress = Progress {
+        done: 0,
+        total: 0,
+        resumes: 0,
+    };
+}
+
 /// Called as a transfer moves; must be cheap.
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
@@ -139,6 +149,62 @@ pub struct TransferOutcome {
     pub resumes: u32,
     /// Offset each attempt started at: the first is 0 unless an earlier call was resumed.
     pub attempt_offsets: Vec<u64>,
+}
+
+/// The attempts of one transfer: decides after each whether to resume, and when.
+struct Attempts<'a> {
+    options: &'a TransferOptions,
+    what: &'static str,
+    transfer_id: String,
+    /// Offset each attempt that reached the broker started at.
+    offsets: Vec<u64>,
+    /// Attempts made, including those that never reached the broker.
+    made: u32,
+    delay: Duration,
+}
+
+impl<'a> Attempts<'a> {
+    fn new(options: &'a TransferOptions, what: &'static str) -> Self {
+        Self {
+            options,
+            what,
+            transfer_id: options
+                .transfer_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            offsets: Vec::new(),
+            made: 0,
+            delay: options.retry_delay,
+        }
+    }
+
+    /// Given an attempt's result (`None`: cancelled), ends the transfer or waits before
+    /// the next attempt.
+    async fn settle(
+        &mut self,
+        result: Option<Result<TreeSummary>>,
+    ) -> ControlFlow<Result<TransferOutcome>> {
+        let error = match result {
+            None => return ControlFlow::Break(Err(Error::Cancelled)),
+            Some(Ok(summary)) => {
+                return ControlFlow::Break(Ok(TransferOutcome {
+                    transfer_id: std::mem::take(&mut self.transfer_id),
+                    summary,
+                    resumes: self.offsets.len().saturating_sub(1) as u32,
+                    attempt_offsets: std::mem::take(&mut self.offsets),
+                }));
+            }
+            Some(Err(error)) => error,
+        };
+        self.made += 1;
+        if !error.is_retryable() || self.made >= self.options.max_attempts {
+            return ControlFlow::Break(Err(error));
+        }
+        tracing::info!(transfer = %self.transfer_id, %error, "{} interrupted; resuming", self.what);
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        ControlFlow::Continue(())
+    }
 }
 
 /// A connection to one broker.
@@ -229,38 +295,24 @@ impl BrokerClient {
         options: &TransferOptions,
         progress: Option<ProgressFn>,
     ) -> Result<TransferOutcome> {
-        let transfer_id = options
-            .transfer_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let mut attempt_offsets = Vec::new();
-        let mut delay = options.retry_delay;
+        let mut attempts = Attempts::new(options, "upload");
         loop {
             let attempt = self.upload_once(
                 &store,
                 &source,
                 destination,
-                &transfer_id,
+                &attempts.transfer_id,
                 options,
                 progress.clone(),
-                &mut attempt_offsets,
+                &mut attempts.offsets,
             );
-            let error = tokio::select! {
-                result = attempt => match result {
-                    Ok(summary) => {
-                        let resumes = attempt_offsets.len().saturating_sub(1) as u32;
-                        return Ok(TransferOutcome { transfer_id, summary, resumes, attempt_offsets });
-                    }
-                    Err(error) => error,
-                },
-                () = options.cancel.cancelled() => return Err(Error::Cancelled),
+            let result = tokio::select! {
+                result = attempt => Some(result),
+                () = options.cancel.cancelled() => None,
             };
-            if !error.is_retryable() || attempt_offsets.len() >= options.max_attempts as usize {
-                return Err(error);
+            if let ControlFlow::Break(outcome) = attempts.settle(result).await {
+                return outcome;
             }
-            tracing::info!(transfer = %transfer_id, %error, "upload interrupted; resuming");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -392,10 +444,6 @@ impl BrokerClient {
         options: &TransferOptions,
         progress: Option<ProgressFn>,
     ) -> Result<TransferOutcome> {
-        let transfer_id = options
-            .transfer_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let chunk_size = match options.chunk_size {
             0 => self.info().await?.default_chunk_size,
             n => n,
@@ -405,35 +453,25 @@ impl BrokerClient {
             chunk_size,
             compression: options.compression,
         };
-        let mut attempt_offsets = Vec::new();
-        let mut delay = options.retry_delay;
+        let mut attempts = Attempts::new(options, "download");
         loop {
             let attempt = self.download_once(
                 &source,
                 &store,
                 &destination,
-                &transfer_id,
+                &attempts.transfer_id,
                 &params,
                 options,
                 progress.clone(),
-                &mut attempt_offsets,
+                &mut attempts.offsets,
             );
-            let error = tokio::select! {
-                result = attempt => match result {
-                    Ok(summary) => {
-                        let resumes = attempt_offsets.len().saturating_sub(1) as u32;
-                        return Ok(TransferOutcome { transfer_id, summary, resumes, attempt_offsets });
-                    }
-                    Err(error) => error,
-                },
-                () = options.cancel.cancelled() => return Err(Error::Cancelled),
+            let result = tokio::select! {
+                result = attempt => Some(result),
+                () = options.cancel.cancelled() => None,
             };
-            if !error.is_retryable() || attempt_offsets.len() >= options.max_attempts as usize {
-                return Err(error);
+            if let ControlFlow::Break(outcome) = attempts.settle(result).await {
+                return outcome;
             }
-            tracing::info!(transfer = %transfer_id, %error, "download interrupted; resuming");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -279,31 +279,27 @@ impl Plan {
     }
 }
 
+/// Reaches the hub broker and decides how to move the data.
+async fn connect_hub(
+    cx: &Context,
+    hub: &Hub,
+    requested: Method,
+) -> Result<(BrokerClient, pb::BrokerInfo, Method)> {
+    cx.report(pb::StagePhase::Preparing, Progress::NONE);
+    let mut client = BrokerClient::connect(&hub.uri, Some(&hub.grant))?;
+    let info = client.info().await?;
+    let method = choose(requested, hub_store_visible(&info), &info)?;
+    Ok((client, info, method))
+}
+
 async fn stage_in(stage: StageIn, cx: Context) -> Result<()> {
-    cx.report(
-        pb::StagePhase::Preparing,
-        Progress {
-            done: 0,
-            total: 0,
-            resumes: 0,
-        },
-    );
-    let mut hub = BrokerClient::connect(&stage.hub.uri, Some(&stage.hub.grant))?;
-    let info = hub.info().await?;
-    let method = choose(stage.method, hub_store_visible(&info), &info)?;
+    let (mut hub, info, method) = connect_hub(&cx, &stage.hub, stage.method).await?;
     tracing::info!(job = %stage.job_id, ?method, hub = %stage.hub.uri, "staging inputs in");
     if method == Method::Link {
         for path in stage.inputs.read_paths() {
             hub.check_access(path.as_str(), false).await?;
         }
-        cx.report(
-            pb::StagePhase::Linking,
-            Progress {
-                done: 0,
-                total: 0,
-                resumes: 0,
-            },
-        );
+        cx.report(pb::StagePhase::Linking, Progress::NONE);
         let hub_root = info.store_root.clone();
         let (store, inputs, destination) = (
             cx.store.clone(),
@@ -354,14 +350,7 @@ async fn stage_in(stage: StageIn, cx: Context) -> Result<()> {
         cancel: cx.shutdown.child_token(),
         ..TransferOptions::default()
     };
-    cx.report(
-        pb::StagePhase::Transferring,
-        Progress {
-            done: 0,
-            total: 0,
-            resumes: 0,
-        },
-    );
+    cx.report(pb::StagePhase::Transferring, Progress::NONE);
     let outcome = hub
         .download(
             source,
@@ -382,17 +371,7 @@ async fn stage_in(stage: StageIn, cx: Context) -> Result<()> {
 }
 
 async fn stage_out(stage: StageOut, cx: Context) -> Result<()> {
-    cx.report(
-        pb::StagePhase::Preparing,
-        Progress {
-            done: 0,
-            total: 0,
-            resumes: 0,
-        },
-    );
-    let mut hub = BrokerClient::connect(&stage.hub.uri, Some(&stage.hub.grant))?;
-    let info = hub.info().await?;
-    let method = choose(stage.method, hub_store_visible(&info), &info)?;
+    let (mut hub, info, method) = connect_hub(&cx, &stage.hub, stage.method).await?;
     tracing::info!(job = %stage.job_id, ?method, hub = %stage.hub.uri, "staging outputs out");
     let policy = if stage.replace {
         ExistingPolicy::Replace
@@ -401,14 +380,7 @@ async fn stage_out(stage: StageOut, cx: Context) -> Result<()> {
     };
     if method == Method::Link {
         hub.check_access(stage.destination.as_str(), true).await?;
-        cx.report(
-            pb::StagePhase::Linking,
-            Progress {
-                done: 0,
-                total: 0,
-                resumes: 0,
-            },
-        );
+        cx.report(pb::StagePhase::Linking, Progress::NONE);
         let hub_root = info.store_root.clone();
         let (store, outputs, destination) =
             (cx.store.clone(), stage.outputs(), stage.destination.clone());
@@ -442,14 +414,7 @@ async fn stage_out(stage: StageOut, cx: Context) -> Result<()> {
         cancel: cx.shutdown.child_token(),
         ..TransferOptions::default()
     };
-    cx.report(
-        pb::StagePhase::Transferring,
-        Progress {
-            done: 0,
-            total: 0,
-            resumes: 0,
-        },
-    );
+    cx.report(pb::StagePhase::Transferring, Progress::NONE);
     let outcome = hub
         .upload(
             cx.store.clone(),

@@ -3,7 +3,7 @@
 //! not appear, and the transfer's area is discarded.
 
 use dispatch_testkit::craft::{archive, entry, long_named_file};
-use dispatch_testkit::{InProcessBroker, TestDir, TestKey, upload_raw};
+use dispatch_testkit::{InProcessBroker, RawUpload, TestDir, TestKey, upload_raw, upload_raw_with};
 use tar::EntryType;
 use tonic::Code;
 
@@ -300,83 +300,25 @@ async fn a_corrupted_chunk_is_refused_and_the_transfer_resumes() -> anyhow::Resu
     // The same transfer id reopens at offset 0, and the good bytes then go through. The
     // broker may still be closing the first attempt: it says so (ABORTED) and a client
     // retries, as BrokerClient does.
+    let how = RawUpload {
+        transfer_id: "corrupt-1".into(),
+        gzip: false,
+    };
     let mut attempts = 0;
     let upload = loop {
-        match upload_raw_with_id(&broker.uri, "dest", "corrupt-1", &tar, chunk_size).await {
-            Err(e)
-                if e.downcast_ref::<tonic::Status>()
-                    .is_some_and(|s| s.code() == Code::Aborted)
-                    && attempts < 50 =>
-            {
+        match upload_raw_with(&broker.uri, "unused", "dest", &tar, &how).await {
+            Err(status) if status.code() == Code::Aborted && attempts < 50 => {
                 attempts += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             other => break other?,
         }
     };
-    assert_eq!(upload, 0);
+    assert_eq!(upload.resumed_at, 0);
     assert_eq!(
         std::fs::read(dir.join("store/dest/a.txt"))?,
         vec![b'a'; 100_000]
     );
     broker.stop().await?;
     Ok(())
-}
-
-/// Uploads `tar` under a given transfer id; returns the offset the broker resumed at.
-async fn upload_raw_with_id(
-    uri: &str,
-    destination: &str,
-    id: &str,
-    tar: &[u8],
-    chunk_size: u32,
-) -> anyhow::Result<u64> {
-    use dispatch_proto::v1 as pb;
-    let mut client = dispatch_broker::client::BrokerClient::connect(uri, None)?;
-    let mut messages = vec![pb::UploadRequest {
-        message: Some(pb::upload_request::Message::Open(pb::UploadOpen {
-            destination: destination.into(),
-            transfer_id: id.into(),
-            chunk_size,
-            ..Default::default()
-        })),
-    }];
-    let mut digest = blake3::Hasher::new();
-    for (i, piece) in tar.chunks(chunk_size as usize).enumerate() {
-        let hash = blake3::hash(piece);
-        digest.update(hash.as_bytes());
-        messages.push(pb::UploadRequest {
-            message: Some(pb::upload_request::Message::Chunk(pb::Chunk {
-                offset: i as u64 * u64::from(chunk_size),
-                data: piece.to_vec().into(),
-                length: piece.len() as u32,
-                checksum: hash.as_bytes().to_vec().into(),
-                compression: 0,
-            })),
-        });
-    }
-    messages.push(pb::UploadRequest {
-        message: Some(pb::upload_request::Message::Commit(pb::UploadCommit {
-            stream_bytes: tar.len() as u64,
-            tree_digest: digest.finalize().as_bytes().to_vec().into(),
-        })),
-    });
-    let mut responses = client
-        .raw()
-        .upload(tokio_stream::iter(messages))
-        .await?
-        .into_inner();
-    let mut resumed_at = None;
-    while let Some(response) = responses.message().await? {
-        match response.message {
-            Some(pb::upload_response::Message::Accepted(accepted)) => {
-                resumed_at = Some(accepted.resume_offset)
-            }
-            Some(pb::upload_response::Message::Committed(_)) => {
-                return resumed_at.ok_or_else(|| anyhow::anyhow!("no accept"));
-            }
-            _ => {}
-        }
-    }
-    anyhow::bail!("no commit")
 }

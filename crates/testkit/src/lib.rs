@@ -584,6 +584,24 @@ pub mod craft {
     }
 }
 
+/// How [`upload_raw_with`] sends.
+#[derive(Debug, Clone, Default)]
+pub struct RawUpload {
+    /// Names the transfer (to resume one); empty for a new one.
+    pub transfer_id: String,
+    /// Gzip each chunk.
+    pub gzip: bool,
+}
+
+/// What a raw upload got.
+#[derive(Debug, Clone)]
+pub struct RawOutcome {
+    /// Where the broker said to start.
+    pub resumed_at: u64,
+    /// The broker's verdict.
+    pub committed: dispatch_proto::v1::UploadCommitted,
+}
+
 /// Uploads raw tar bytes (valid or not) with correct chunk checksums, as a client that
 /// does not check what it sends would; returns the broker's verdict.
 pub async fn upload_raw(
@@ -593,7 +611,25 @@ pub async fn upload_raw(
     tar: &[u8],
     gzip: bool,
 ) -> std::result::Result<dispatch_proto::v1::UploadCommitted, tonic::Status> {
+    let how = RawUpload {
+        transfer_id: String::new(),
+        gzip,
+    };
+    Ok(upload_raw_with(uri, grant, destination, tar, &how)
+        .await?
+        .committed)
+}
+
+/// [`upload_raw`] with a transfer id, reporting where the broker resumed.
+pub async fn upload_raw_with(
+    uri: &str,
+    grant: &str,
+    destination: &str,
+    tar: &[u8],
+    how: &RawUpload,
+) -> std::result::Result<RawOutcome, tonic::Status> {
     use dispatch_proto::v1 as pb;
+    let gzip = how.gzip;
     let mut client = dispatch_broker::client::BrokerClient::connect(uri, Some(grant))
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
     let chunk_size = 64 * 1024usize;
@@ -605,6 +641,7 @@ pub async fn upload_raw(
     let mut messages = vec![pb::UploadRequest {
         message: Some(pb::upload_request::Message::Open(pb::UploadOpen {
             destination: destination.to_owned(),
+            transfer_id: how.transfer_id.clone(),
             compression: compression as i32,
             chunk_size: chunk_size as u32,
             ..Default::default()
@@ -646,9 +683,19 @@ pub async fn upload_raw(
         .upload(tokio_stream::iter(messages))
         .await?
         .into_inner();
+    let mut resumed_at = 0;
     while let Some(response) = responses.message().await? {
-        if let Some(pb::upload_response::Message::Committed(committed)) = response.message {
-            return Ok(committed);
+        match response.message {
+            Some(pb::upload_response::Message::Accepted(accepted)) => {
+                resumed_at = accepted.resume_offset
+            }
+            Some(pb::upload_response::Message::Committed(committed)) => {
+                return Ok(RawOutcome {
+                    resumed_at,
+                    committed,
+                });
+            }
+            _ => {}
         }
     }
     Err(tonic::Status::unknown("the upload ended without a verdict"))
