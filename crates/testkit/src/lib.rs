@@ -700,3 +700,177 @@ pub async fn upload_raw_with(
     }
     Err(tonic::Status::unknown("the upload ended without a verdict"))
 }
+
+/// The test suite every [`Store`](dispatch_broker::store::Store) implementation runs from
+/// its own tests, so all stores keep the same promises.
+pub mod store_suite {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use anyhow::{Result, ensure};
+    use dispatch_broker::store::{DeleteSummary, EntryInfoKind, ExistingPolicy, Source, Store};
+    use dispatch_broker::tree::Walked;
+    use dispatch_broker::{Error, StorePath};
+
+    /// Opens (creating if needed) a store rooted at the given directory.
+    pub type OpenStore<'a> = &'a dyn Fn(&Path) -> Result<Arc<dyn Store>>;
+
+    fn p(s: &str) -> StorePath {
+        StorePath::from_api(s).unwrap_or_default()
+    }
+
+    /// Runs every case, each in its own directory under `dir`.
+    pub fn run(dir: &Path, open: OpenStore<'_>) -> Result<()> {
+        lists_in_walk_order_and_hides_bookkeeping(&dir.join("list"), open)?;
+        never_goes_through_planted_symlinks(&dir.join("links"), open)?;
+        publishes_whole_trees_by_policy(&dir.join("publish"), open)?;
+        walks_skip_links_and_bookkeeping(&dir.join("walk"), open)?;
+        Ok(())
+    }
+
+    /// Listings page through a tree depth-first in name order, without the store's own files.
+    pub fn lists_in_walk_order_and_hides_bookkeeping(
+        root: &Path,
+        open: OpenStore<'_>,
+    ) -> Result<()> {
+        let store = open(root)?;
+        std::fs::create_dir_all(store.root().join("a/b"))?;
+        std::fs::write(store.root().join("a/b/f"), b"123")?;
+        std::fs::write(store.root().join("a-c"), b"1")?;
+        let all = store.list(&StorePath::root(), true, 0, 100)?;
+        let names: Vec<_> = all.iter().map(|e| e.path.as_str()).collect();
+        ensure!(names == ["a", "a/b", "a/b/f", "a-c"], "listing {names:?}");
+        ensure!(
+            all[2].kind == EntryInfoKind::File && all[2].size == 3,
+            "{:?}",
+            all[2]
+        );
+        let page = store.list(&StorePath::root(), true, 2, 1)?;
+        ensure!(
+            page.len() == 1 && page[0].path.as_str() == "a/b/f",
+            "page {page:?}"
+        );
+        let shallow = store.list(&StorePath::root(), false, 0, 100)?;
+        ensure!(shallow.len() == 2, "non-recursive listing {shallow:?}");
+        ensure!(matches!(
+            store.list(&p("nothing"), true, 0, 10),
+            Err(Error::NotFound(_))
+        ));
+        Ok(())
+    }
+
+    /// A symlink planted in the store (by a plugin, say) never redirects an operation.
+    pub fn never_goes_through_planted_symlinks(root: &Path, open: OpenStore<'_>) -> Result<()> {
+        let store = open(&root.join("store"))?;
+        let outside = root.join("outside");
+        std::fs::create_dir_all(&outside)?;
+        std::fs::write(outside.join("secret"), b"x")?;
+        std::os::unix::fs::symlink(&outside, store.root().join("evil"))?;
+        ensure!(matches!(
+            store.stat(&p("evil/secret")),
+            Err(Error::PermissionDenied(_))
+        ));
+        ensure!(store.delete(&p("evil/secret")).is_err());
+        ensure!(
+            store
+                .walk(&Source::Tree {
+                    path: p("evil/x"),
+                    skip_chrislinks: false
+                })
+                .is_err()
+        );
+        let area = store.transfer_area("planted")?;
+        std::fs::create_dir_all(area.join("tree"))?;
+        ensure!(
+            store
+                .publish(&area.join("tree"), &p("evil/dest"), ExistingPolicy::Fail)
+                .is_err()
+        );
+        ensure!(
+            !outside.join("dest").exists(),
+            "published through a symlink"
+        );
+        // Deleting the link removes the link, not what it points to.
+        store.delete(&p("evil"))?;
+        ensure!(outside.join("secret").exists());
+        Ok(())
+    }
+
+    /// A tree is published whole, or refused, as the policy says; deletes count and replay.
+    pub fn publishes_whole_trees_by_policy(root: &Path, open: OpenStore<'_>) -> Result<()> {
+        let store = open(root)?;
+        let stage = |content: &str| -> Result<std::path::PathBuf> {
+            let tree = store.transfer_area(content)?.join("tree");
+            std::fs::create_dir_all(&tree)?;
+            std::fs::write(tree.join("f"), content)?;
+            Ok(tree)
+        };
+        store.publish(&stage("one")?, &p("k/incoming"), ExistingPolicy::Fail)?;
+        let refused = store.publish(&stage("two")?, &p("k/incoming"), ExistingPolicy::Fail);
+        ensure!(
+            matches!(refused, Err(Error::AlreadyExists(_))),
+            "{refused:?}"
+        );
+        ensure!(std::fs::read_to_string(store.root().join("k/incoming/f"))? == "one");
+        store.publish(&stage("three")?, &p("k/incoming"), ExistingPolicy::Replace)?;
+        ensure!(std::fs::read_to_string(store.root().join("k/incoming/f"))? == "three");
+        for id in ["one", "two", "three"] {
+            store.discard_transfer(id)?;
+        }
+        let summary = store.delete(&p("k"))?;
+        ensure!(
+            summary
+                == DeleteSummary {
+                    removed_entries: 3,
+                    removed_bytes: 5
+                },
+            "{summary:?}"
+        );
+        ensure!(store.delete(&p("k"))? == DeleteSummary::default());
+        ensure!(
+            store.delete(&StorePath::root()).is_err(),
+            "the root must not be deletable"
+        );
+        Ok(())
+    }
+
+    /// Walks are deterministic, never include symlinks or the store's own directory, and
+    /// leave out `.chrislink` files when asked.
+    pub fn walks_skip_links_and_bookkeeping(root: &Path, open: OpenStore<'_>) -> Result<()> {
+        let store = open(root)?;
+        std::fs::create_dir_all(store.root().join("out/sub"))?;
+        std::fs::write(store.root().join("out/sub/r.txt"), b"r")?;
+        std::fs::write(store.root().join("out/x.chrislink"), b"home/y")?;
+        std::os::unix::fs::symlink("/etc", store.root().join("out/etc"))?;
+        let names = |source: &Source| -> Result<Vec<String>> {
+            store
+                .walk(source)?
+                .map(|item| {
+                    Ok(match item? {
+                        Walked::Entry(entry) => entry.path.to_string(),
+                        Walked::Skipped { path, .. } => format!("skipped {path}"),
+                    })
+                })
+                .collect()
+        };
+        let outputs = Source::Tree {
+            path: p("out"),
+            skip_chrislinks: true,
+        };
+        let first = names(&outputs)?;
+        ensure!(
+            first == ["skipped etc", "sub", "sub/r.txt", "skipped x.chrislink"],
+            "{first:?}"
+        );
+        ensure!(names(&outputs)? == first, "walks must repeat exactly");
+        let everything = names(&Source::Tree {
+            path: StorePath::root(),
+            skip_chrislinks: false,
+        })?;
+        ensure!(
+            !everything.iter().any(|n| n.contains(".dispatch")),
+            "{everything:?}"
+        );
+        Ok(())
+    }
+}
