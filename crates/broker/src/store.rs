@@ -279,7 +279,7 @@ impl LocalStore {
     pub fn discard_stale_transfers(&self, max_age: std::time::Duration) -> Result<u64> {
         let dir = self.transfers_dir()?;
         let mut removed = 0;
-        let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", dir.display(), e))?;
+        let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir.display(), e))?;
         for entry in entries.flatten() {
             let age = entry
                 .metadata()
