@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test command: every tier the project has, in one run, as CI runs it.
 #
-# Runs on a fresh machine with a Rust toolchain: nothing else is installed yet, because
-# the broker's tests need only loopback TCP and a writable temp dir (later tiers add the
-# engines they need here: Docker images, Slurm, PostgreSQL).
+# Runs on a fresh Debian machine with a Rust toolchain: it installs and starts what the
+# engine-backed tests need (scripts/setup-engines.sh: busybox-static for the test image,
+# a Docker engine that answers). A missing engine fails the tests; nothing is skipped.
 #
 #   scripts/test.sh              # everything
 #   scripts/test.sh -p dispatch-broker --test resume   # extra args go to cargo test
@@ -13,6 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+step "test engines"
+eval "$(scripts/setup-engines.sh)"
 
 # Tests start the real binaries (a killed broker, a killed client), so build them first.
 step "building binaries"
@@ -36,3 +39,5 @@ cargo test --workspace --doc
 step "deploy/ examples"
 ./target/debug/dispatch-broker --config deploy/broker.example.toml --print-config > /dev/null
 echo "deploy/broker.example.toml loads"
+./target/debug/dispatch-manager --config deploy/manager.example.toml --print-config > /dev/null
+echo "deploy/manager.example.toml loads"

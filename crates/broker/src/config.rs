@@ -71,10 +71,7 @@ impl Default for BrokerConfig {
     }
 }
 
-/// A configuration that cannot be used, with what to change.
-#[derive(Debug, thiserror::Error)]
-#[error("configuration: {0}")]
-pub struct ConfigError(pub String);
+pub use dispatch_config::ConfigError;
 
 impl BrokerConfig {
     /// Layers defaults, the file (if any), the environment and the flag overrides (each a
@@ -84,33 +81,14 @@ impl BrokerConfig {
         env: &BTreeMap<String, String>,
         overrides: &[(String, toml::Value)],
     ) -> Result<Self, ConfigError> {
-        let mut table = toml::Table::try_from(Self::default())
-            .map_err(|e| ConfigError(format!("defaults: {e}")))?;
-        if let Some(file) = file {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| ConfigError(format!("cannot read {}: {e}", file.display())))?;
-            let from_file: toml::Table = text
-                .parse()
-                .map_err(|e| ConfigError(format!("{}: {e}", file.display())))?;
-            merge(&mut table, from_file);
-        }
-        for (name, raw) in env {
-            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            if ENV_NOT_KEYS.contains(&key) {
-                continue;
-            }
-            let path: Vec<String> = key.split("__").map(str::to_lowercase).collect();
-            set_path(&mut table, &path, env_value(raw));
-        }
-        for (key, value) in overrides {
-            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-            set_path(&mut table, &path, value.clone());
-        }
-        let config: Self = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError(e.to_string()))?;
+        let layers = dispatch_config::Layers {
+            file,
+            env,
+            env_prefix: ENV_PREFIX,
+            env_not_keys: &ENV_NOT_KEYS,
+            overrides,
+        };
+        let config: Self = dispatch_config::load(&layers)?;
         config.validate()?;
         Ok(config)
     }
@@ -153,50 +131,6 @@ impl BrokerConfig {
             .map(Some)
             .map_err(|e| ConfigError(format!("grant_key_file {}: {e}", path.display())))
     }
-}
-
-/// An environment value as TOML when it parses as a number or boolean, else as text.
-fn env_value(raw: &str) -> toml::Value {
-    match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut table) => match table.remove("v") {
-            Some(
-                value @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)),
-            ) => value,
-            _ => toml::Value::String(raw.to_owned()),
-        },
-        Err(_) => toml::Value::String(raw.to_owned()),
-    }
-}
-
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => merge(inner, value),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
-}
-
-fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
-    let Some((last, parents)) = path.split_last() else {
-        return;
-    };
-    let mut at = table;
-    for key in parents {
-        let entry = at
-            .entry(key.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if !entry.is_table() {
-            *entry = toml::Value::Table(toml::Table::new());
-        }
-        let toml::Value::Table(inner) = entry else {
-            return;
-        };
-        at = inner;
-    }
-    at.insert(last.clone(), value);
 }
 
 #[cfg(test)]

@@ -170,11 +170,9 @@ impl StageOut {
 }
 
 fn check_job_id(job_id: &str) -> Result<String> {
-    let job_id = job_id.trim_start_matches('/');
-    if job_id.is_empty() || job_id.contains('/') || job_id.contains('\0') || job_id.len() > 128 {
-        return Err(Error::invalid("job_id", "must be 1-128 bytes without `/`"));
-    }
-    Ok(job_id.to_owned())
+    dispatch_proto::JobId::parse(job_id)
+        .map(String::from)
+        .map_err(|e| Error::invalid(e.field.clone(), e.reason.clone()))
 }
 
 /// A stage to run.

@@ -38,6 +38,14 @@ pub const STORAGE_PATH_MAX_BYTES: usize = 4096;
 pub const IMAGE_MAX_BYTES: usize = 1024;
 /// Longest `auid` or site id, in bytes.
 pub const NAME_MAX_BYTES: usize = 256;
+/// Largest CPU request accepted, in millicores: 1,000 cores, beyond any one node.
+pub const MAX_CPU_MILLICORES: u32 = 1_000_000;
+/// Largest memory request accepted, in MiB: 64 TiB, beyond any one node.
+pub const MAX_MEMORY_MIB: u64 = 64 << 20;
+/// Largest GPU request accepted.
+pub const MAX_GPUS: u32 = 64;
+/// Largest number of workers accepted.
+pub const MAX_WORKERS: u32 = 1024;
 
 /// Why a wire value was refused, naming the field (`env`, `inputs.shared.input_dirs`, ...)
 /// so both the gRPC face and the pfcon face can tell the client which one.
@@ -76,9 +84,10 @@ impl From<FieldError> for tonic::Status {
     }
 }
 
-/// A job's id: 1 to 128 bytes, no `/`, no control characters (so no NUL), not starting
-/// with `.`. It is therefore one safe path component, and `key-<id>` can never escape the
-/// store root. A leading `/` is stripped first, as pfcon's `jid.lstrip('/')` does.
+/// A job's id: 1 to 128 ASCII letters, digits, `_`, `.` and `-`, starting with a letter
+/// or digit (as CUBE's `chris-jid-<n>`). It is therefore one safe path component, so
+/// `key-<id>` can never escape the store root, and every engine can name a container,
+/// Slurm job or label after it. A leading `/` is stripped first, as pfcon's `jid.lstrip('/')` does.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct JobId(String);
 
@@ -103,11 +112,18 @@ impl JobId {
         if id.contains('/') {
             return refuse("must not contain '/'".into());
         }
-        if id.chars().any(char::is_control) {
-            return refuse("must not contain control characters".into());
+        // Every engine can name its unit of work after such an id (Docker's container
+        // names, Slurm job names, Kubernetes labels), so no backend has to refuse one.
+        if let Some(bad) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+        {
+            return refuse(format!(
+                "`{id}` contains {bad:?}; use letters, digits, `_`, `.` and `-` only"
+            ));
         }
-        if id.starts_with('.') {
-            return refuse("must not start with '.'".into());
+        if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return refuse(format!("`{id}` must start with a letter or a digit"));
         }
         Ok(Self(id.to_owned()))
     }
@@ -1024,8 +1040,38 @@ impl TryFrom<v1::JobSpec> for JobSpec {
         if wire.cpu_millicores == 0 {
             return Err(FieldError::new("cpu_millicores", "must be greater than 0"));
         }
+        if wire.cpu_millicores > MAX_CPU_MILLICORES {
+            return Err(FieldError::new(
+                "cpu_millicores",
+                format!(
+                    "{} is beyond any node; at most {MAX_CPU_MILLICORES} (1000 = one core)",
+                    wire.cpu_millicores
+                ),
+            ));
+        }
         if wire.memory_mib == 0 {
             return Err(FieldError::new("memory_mib", "must be greater than 0"));
+        }
+        if wire.memory_mib > MAX_MEMORY_MIB {
+            return Err(FieldError::new(
+                "memory_mib",
+                format!(
+                    "{} MiB is beyond any node; at most {MAX_MEMORY_MIB} MiB",
+                    wire.memory_mib
+                ),
+            ));
+        }
+        if wire.gpus > MAX_GPUS {
+            return Err(FieldError::new(
+                "gpus",
+                format!("{} is beyond any node; at most {MAX_GPUS}", wire.gpus),
+            ));
+        }
+        if wire.workers > MAX_WORKERS {
+            return Err(FieldError::new(
+                "workers",
+                format!("at most {MAX_WORKERS}, got {}", wire.workers),
+            ));
         }
         let workers = NonZeroU32::new(wire.workers)
             .ok_or_else(|| FieldError::new("workers", "must be at least 1"))?;
@@ -1502,10 +1548,13 @@ mod tests {
             ("", "cannot be empty"),
             ("/", "cannot be empty"),
             ("a/b", "'/'"),
-            ("a\0b", "control"),
-            ("a\nb", "control"),
-            (".hidden", "'.'"),
-            ("/..", "'.'"),
+            ("a\0b", "contains"),
+            ("a\nb", "contains"),
+            ("a b", "contains ' '"),
+            ("ü", "contains"),
+            (".hidden", "start with a letter"),
+            ("/..", "start with a letter"),
+            ("-x", "start with a letter"),
         ] {
             let error = JobId::parse(raw).expect_err(raw);
             assert_eq!(error.field, "job_id");
@@ -1582,6 +1631,11 @@ mod tests {
         assert_refused("cpu_millicores", "greater than 0", |w| w.cpu_millicores = 0);
         assert_refused("memory_mib", "greater than 0", |w| w.memory_mib = 0);
         assert_refused("workers", "at least 1", |w| w.workers = 0);
+        assert_refused("cpu_millicores", "beyond any node", |w| {
+            w.cpu_millicores = 1_000_000_000
+        });
+        assert_refused("memory_mib", "beyond any node", |w| w.memory_mib = 1 << 40);
+        assert_refused("gpus", "beyond any node", |w| w.gpus = 1000);
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //!
 //! `RETAIN_TMP=1` keeps every temporary directory a test made (and the logs in it).
 
+pub mod conformance;
+pub mod images;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

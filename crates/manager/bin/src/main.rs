@@ -1,0 +1,303 @@
+//! `dispatch-manager`: runs jobs on one compute backend, chosen with `--backend`, and
+//! serves the manager's gRPC API.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+
+use dispatch_manager::{Backend, ManagerConfig, server};
+
+/// The ChRIS Dispatch container manager: runs jobs on Docker, Podman or local processes.
+///
+/// Settings come from defaults, then `--config`, then pfcon's environment variables
+/// (CONTAINER_USER, JOB_LABELS, ENABLE_HOME_WORKAROUND, IGNORE_LIMITS, SHM_SIZE,
+/// DOCKER_HOST), then DISPATCH_MANAGER_* variables, then flags.
+#[derive(Parser)]
+#[command(name = "dispatch-manager", version)]
+struct Cli {
+    /// Compute backend: docker, podman or local.
+    #[arg(long)]
+    backend: Option<String>,
+    /// TOML configuration file (keys as in `--print-config`).
+    #[arg(long, env = "DISPATCH_MANAGER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the manager's gRPC API [default: 127.0.0.1:7444].
+    #[arg(long)]
+    listen: Option<String>,
+    /// This replica's id; labels everything it creates, so keep it stable.
+    #[arg(long)]
+    manager_id: Option<String>,
+    /// The site's storeBase directory [default: /var/local/storeBase].
+    #[arg(long)]
+    store_root: Option<PathBuf>,
+    /// Where the manager keeps its own records [default: /var/lib/dispatch-manager].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// File holding the token API clients must present.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Serve the API without a token (a private manager on loopback).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Docker engine to use, e.g. unix:///run/podman/podman.sock [default: DOCKER_HOST or
+    /// the local socket].
+    #[arg(long)]
+    docker_host: Option<String>,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Print the configuration that would be used, then exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn text(value: &str) -> toml::Value {
+    toml::Value::String(value.to_owned())
+}
+
+/// pfcon's settings under pfcon's names, for a manager deployed where pfcon was.
+fn pfcon_settings(env: &BTreeMap<String, String>) -> anyhow::Result<Vec<(String, toml::Value)>> {
+    let mut out = Vec::new();
+    let truthy = |v: &str| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    };
+    if let Some(user) = env.get("CONTAINER_USER") {
+        out.push(("container_user".into(), text(user)));
+    }
+    if let Some(labels) = env.get("JOB_LABELS") {
+        let mut table = toml::Table::new();
+        for pair in labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .with_context(|| format!("JOB_LABELS: `{pair}` is not key=value"))?;
+            table.insert(key.trim().to_owned(), text(value.trim()));
+        }
+        out.push(("job_labels".into(), toml::Value::Table(table)));
+    }
+    if let Some(flag) = env.get("ENABLE_HOME_WORKAROUND") {
+        out.push((
+            "enable_home_workaround".into(),
+            toml::Value::Boolean(truthy(flag)),
+        ));
+    }
+    if let Some(flag) = env.get("IGNORE_LIMITS") {
+        out.push((
+            "docker.ignore_limits".into(),
+            toml::Value::Boolean(truthy(flag)),
+        ));
+    }
+    if let Some(size) = env.get("SHM_SIZE") {
+        let size: i64 = size
+            .trim()
+            .parse()
+            .with_context(|| format!("SHM_SIZE: `{size}` is not a number of MiB"))?;
+        out.push(("docker.shm_size_mib".into(), toml::Value::Integer(size)));
+    }
+    if let Some(host) = env.get("DOCKER_HOST") {
+        out.push(("docker.host".into(), text(host)));
+    }
+    Ok(out)
+}
+
+fn flags(cli: &Cli) -> Vec<(String, toml::Value)> {
+    let mut out = Vec::new();
+    let mut set = |key: &str, value: Option<toml::Value>| {
+        if let Some(value) = value {
+            out.push((key.to_owned(), value));
+        }
+    };
+    set("backend", cli.backend.as_deref().map(text));
+    set("listen", cli.listen.as_deref().map(text));
+    set("manager_id", cli.manager_id.as_deref().map(text));
+    set(
+        "store_root",
+        cli.store_root
+            .as_ref()
+            .map(|p| text(&p.display().to_string())),
+    );
+    set(
+        "state_dir",
+        cli.state_dir
+            .as_ref()
+            .map(|p| text(&p.display().to_string())),
+    );
+    set(
+        "token_file",
+        cli.token_file
+            .as_ref()
+            .map(|p| text(&p.display().to_string())),
+    );
+    set("docker.host", cli.docker_host.as_deref().map(text));
+    set(
+        "insecure_no_auth",
+        cli.insecure_no_auth.then_some(toml::Value::Boolean(true)),
+    );
+    set("log_json", cli.json.then_some(toml::Value::Boolean(true)));
+    out
+}
+
+fn load(cli: &Cli) -> anyhow::Result<ManagerConfig> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let mut overrides = pfcon_settings(&env)?;
+    overrides.extend(flags(cli));
+    let layers = dispatch_config::Layers {
+        file: cli.config.as_deref(),
+        env: &env,
+        env_prefix: "DISPATCH_MANAGER_",
+        env_not_keys: &["CONFIG"],
+        overrides: &overrides,
+    };
+    Ok(dispatch_config::load(&layers)?)
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The backend named in the configuration, connected.
+async fn backend(config: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    match config.backend.as_str() {
+        "docker" | "podman" => docker_backend(config).await,
+        "local" => local_backend(config).await,
+        kind @ ("swarm" | "kubernetes" | "openshift" | "slurm") => {
+            bail!("the {kind} backend is not part of this build yet; use docker, podman or local")
+        }
+        other => bail!("unknown backend `{other}`; use docker, podman or local"),
+    }
+}
+
+#[cfg(feature = "docker")]
+async fn docker_backend(config: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    let mut table = config.docker.clone();
+    if config.backend == "podman" && !table.contains_key("kind") {
+        table.insert("kind".into(), text("podman"));
+    }
+    let settings: dispatch_backend_docker::DockerConfig = toml::Value::Table(table)
+        .try_into()
+        .context("configuration of the docker backend")?;
+    let backend =
+        dispatch_backend_docker::DockerBackend::connect(&config.manager_id, settings).await?;
+    Ok(Arc::new(backend))
+}
+
+#[cfg(not(feature = "docker"))]
+async fn docker_backend(_: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    bail!("this dispatch-manager was built without feature `docker`")
+}
+
+#[cfg(feature = "local")]
+async fn local_backend(config: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    let mut table = config.local.clone();
+    if !table.contains_key("state_dir") {
+        table.insert(
+            "state_dir".into(),
+            text(&config.state_dir.join("local").display().to_string()),
+        );
+    }
+    let settings: dispatch_backend_local::LocalConfig = toml::Value::Table(table)
+        .try_into()
+        .context("configuration of the local backend")?;
+    tracing::warn!("the local backend runs jobs as plain processes on this host: no isolation");
+    let backend = dispatch_backend_local::LocalBackend::open(&config.manager_id, settings)?;
+    Ok(Arc::new(backend))
+}
+
+#[cfg(not(feature = "local"))]
+async fn local_backend(_: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    bail!("this dispatch-manager was built without feature `local`")
+}
+
+/// Checks the settings of every backend compiled in, so a misspelt key is reported by
+/// `--print-config` too, not only when that backend starts.
+fn check_backend_settings(config: &ManagerConfig) -> anyhow::Result<()> {
+    #[cfg(feature = "docker")]
+    {
+        let _: dispatch_backend_docker::DockerConfig = toml::Value::Table(config.docker.clone())
+            .try_into()
+            .context("[docker] settings")?;
+    }
+    #[cfg(feature = "local")]
+    {
+        let mut table = config.local.clone();
+        table
+            .entry("state_dir")
+            .or_insert_with(|| text(&config.state_dir.join("local").display().to_string()));
+        let _: dispatch_backend_local::LocalConfig = toml::Value::Table(table)
+            .try_into()
+            .context("[local] settings")?;
+    }
+    Ok(())
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
+    let config = load(&cli)?;
+    check_backend_settings(&config)?;
+    if cli.print_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    init_tracing(config.log_json);
+    server::auth(&config)?;
+    let backend = backend(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; is another manager running there?",
+                config.listen
+            )
+        })?;
+    server::run(Arc::new(config), backend, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match serve(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
