@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Broker throughput benchmark: moves a 1 GiB tree from one dispatch-broker to another over
+# Benchmarks. Broker throughput: moves a 1 GiB tree from one dispatch-broker to another over
 # loopback and the same tree through `tar | tcp | tar`, then prints both throughputs, their
 # ratio and each process's peak RSS (see crates/broker/benches/transfer.rs).
 #
@@ -21,3 +21,7 @@ fi
 
 cargo build --release --bins
 cargo bench -p dispatch-broker --bench transfer "$@"
+
+# A trivial job through the manager against `docker run --rm` (crates/manager/bin/benches).
+eval "$(scripts/setup-engines.sh)"
+cargo bench -p dispatch-manager-bin --bench latency

@@ -71,7 +71,7 @@ impl Default for BrokerConfig {
     }
 }
 
-pub use dispatch_config::ConfigError;
+pub use dispatch_service::ConfigError;
 
 impl BrokerConfig {
     /// Layers defaults, the file (if any), the environment and the flag overrides (each a
@@ -81,14 +81,14 @@ impl BrokerConfig {
         env: &BTreeMap<String, String>,
         overrides: &[(String, toml::Value)],
     ) -> Result<Self, ConfigError> {
-        let layers = dispatch_config::Layers {
+        let layers = dispatch_service::Layers {
             file,
             env,
             env_prefix: ENV_PREFIX,
             env_not_keys: &ENV_NOT_KEYS,
             overrides,
         };
-        let config: Self = dispatch_config::load(&layers)?;
+        let config: Self = dispatch_service::load(&layers)?;
         config.validate()?;
         Ok(config)
     }

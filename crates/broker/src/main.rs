@@ -192,31 +192,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 config.listen
             )
         })?;
-    server::run(Arc::new(config), listener, shutdown_signal()).await?;
+    server::run(
+        Arc::new(config),
+        listener,
+        dispatch_service::shutdown_signal(),
+    )
+    .await?;
     Ok(())
-}
-
-/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        eprintln!("second signal: exiting now");
-        std::process::exit(130);
-    });
 }
 
 fn mint(args: GrantArgs) -> anyhow::Result<()> {

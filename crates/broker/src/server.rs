@@ -13,6 +13,8 @@ use tonic::transport::Server;
 
 use dispatch_proto::v1::broker_server::BrokerServer;
 
+use dispatch_service::InFlight;
+
 use crate::client::MAX_MESSAGE_BYTES;
 use crate::config::BrokerConfig;
 use crate::error::{Error, Result};
@@ -47,7 +49,15 @@ pub async fn run(
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let service = BrokerService::new(store, auth, config.clone(), cancel.clone(), tasks.clone());
+    let in_flight = InFlight::default();
+    let service = BrokerService::new(
+        store,
+        auth,
+        config.clone(),
+        cancel.clone(),
+        tasks.clone(),
+        in_flight.clone(),
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BrokerServer<BrokerService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -87,10 +97,18 @@ pub async fn run(
     let _ = stop_accepting.send(());
     tasks.close();
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
-    let drained = tokio::time::timeout(grace, async {
-        let served = serve.await;
+    // Done when every transfer has checkpointed and no call is left, or when the server
+    // has closed every connection: idle client connections must not hold the stop
+    // (dispatch_service::drain).
+    let work_done = async {
         tasks.wait().await;
-        served
+        in_flight.idle().await;
+    };
+    let drained = tokio::time::timeout(grace, async {
+        tokio::select! {
+            served = &mut serve => served,
+            () = work_done => Ok(()),
+        }
     })
     .await;
     match drained {

@@ -16,6 +16,8 @@ use tonic::{Request, Response, Status, Streaming};
 use dispatch_proto::v1 as pb;
 use pb::broker_server::Broker;
 
+use dispatch_service::InFlight;
+
 use crate::config::BrokerConfig;
 use crate::error::{Error, Result};
 use crate::grant::{Access, Grant, GrantKey};
@@ -153,6 +155,7 @@ struct Inner {
     active: Mutex<HashSet<String>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    in_flight: InFlight,
 }
 
 /// Holds a transfer id in the active set until dropped.
@@ -178,6 +181,7 @@ impl BrokerService {
         config: Arc<BrokerConfig>,
         shutdown: CancellationToken,
         tasks: TaskTracker,
+        in_flight: InFlight,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -187,6 +191,7 @@ impl BrokerService {
                 active: Mutex::new(HashSet::new()),
                 shutdown,
                 tasks,
+                in_flight,
             }),
         }
     }
@@ -308,6 +313,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<Streaming<pb::UploadRequest>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
+        let _call = self.inner.in_flight.enter();
         let grant = self.inner.auth.authorize(request.metadata())?;
         let mut inbound = request.into_inner();
         let open = match inbound.message().await? {
@@ -409,6 +415,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
+        let _call = self.inner.in_flight.enter();
         let grant = self.inner.auth.authorize(request.metadata())?;
         let request = request.into_inner();
         let source = parse_source(request.source)?;
@@ -442,6 +449,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::StatRequest>,
     ) -> Result<Response<pb::StatResponse>, Status> {
+        let _call = self.inner.in_flight.enter();
         let grant = self.inner.auth.authorize(request.metadata())?;
         let path = parse_path("path", &request.get_ref().path, true)?;
         grant.check(Access::Read, &path)?;
@@ -457,6 +465,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let _call = self.inner.in_flight.enter();
         let grant = self.inner.auth.authorize(request.metadata())?;
         let request = request.into_inner();
         let path = parse_path("path", &request.path, true)?;
@@ -491,6 +500,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let _call = self.inner.in_flight.enter();
         let grant = self.inner.auth.authorize(request.metadata())?;
         let request = request.into_inner();
         let path = parse_path("path", &request.path, false)?;
@@ -514,6 +524,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::StageInRequest>,
     ) -> Result<Response<Self::StageInStream>, Status> {
+        let _call = self.inner.in_flight.enter();
         let grant = self.inner.auth.authorize(request.metadata())?;
         let plan = stage::StageIn::from_request(request.into_inner())?;
         grant.check(Access::Write, &plan.destination)?;
@@ -524,6 +535,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::StageOutRequest>,
     ) -> Result<Response<Self::StageOutStream>, Status> {
+        let _call = self.inner.in_flight.enter();
         let grant = self.inner.auth.authorize(request.metadata())?;
         let plan = stage::StageOut::from_request(request.into_inner())?;
         grant.check(Access::Read, &plan.source)?;
@@ -534,6 +546,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::BrokerInfo>, Status> {
+        let _call = self.inner.in_flight.enter();
         self.inner.auth.authorize(request.metadata())?;
         let config = &self.inner.config;
         Ok(Response::new(pb::BrokerInfo {
@@ -554,6 +567,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::CheckAccessRequest>,
     ) -> Result<Response<pb::CheckAccessResponse>, Status> {
+        let _call = self.inner.in_flight.enter();
         let grant = self.inner.auth.authorize(request.metadata())?;
         let path = parse_path("path", &request.get_ref().path, true)?;
         let access = if request.get_ref().write {

@@ -11,6 +11,8 @@ use tonic::transport::Server;
 
 use dispatch_proto::v1::manager_server::ManagerServer;
 
+use dispatch_service::InFlight;
+
 use crate::backend::Backend;
 use crate::config::ManagerConfig;
 use crate::error::{Error, Result};
@@ -62,11 +64,16 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Server(format!("reflection: {e}")))?;
+    let in_flight = InFlight::default();
     let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
     let serve = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ManagerServer::new(ManagerService::new(manager, auth)))
+        .add_service(ManagerServer::new(ManagerService::new(
+            manager,
+            auth,
+            in_flight.clone(),
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stopped.await;
         });
@@ -80,9 +87,20 @@ pub async fn run(
         .set_not_serving::<ManagerServer<ManagerService>>()
         .await;
     let _ = stop_accepting.send(());
-    match tokio::time::timeout(Duration::from_secs(config.shutdown_grace_seconds), serve).await {
-        Ok(served) => served.map_err(|e| Error::Server(e.to_string()))?,
-        Err(_) => tracing::warn!("grace period over; exiting with calls in flight"),
+    // Done when the server has closed every connection, or when no call is left: idle
+    // client connections must not hold the stop (dispatch_service::drain).
+    let drained = async {
+        tokio::select! {
+            served = &mut serve => served.map_err(|e| Error::Server(e.to_string())),
+            () = in_flight.idle() => Ok(()),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(config.shutdown_grace_seconds), drained).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!(
+            calls = in_flight.count(),
+            "grace period over; exiting with calls in flight"
+        ),
     }
     tracing::info!("manager stopped");
     Ok(())

@@ -10,6 +10,8 @@ use tonic::{Request, Response, Status};
 use dispatch_proto::v1::{self as pb, manager_server};
 use dispatch_proto::{JobId, JobSpec};
 
+use dispatch_service::InFlight;
+
 use crate::error::Error;
 use crate::manager::Manager;
 
@@ -53,12 +55,17 @@ impl Auth {
 pub struct ManagerService {
     manager: Arc<Manager>,
     auth: Auth,
+    in_flight: InFlight,
 }
 
 impl ManagerService {
-    /// Serves `manager`, admitting callers by `auth`.
-    pub fn new(manager: Arc<Manager>, auth: Auth) -> Self {
-        Self { manager, auth }
+    /// Serves `manager`, admitting callers by `auth`; counts its calls in `in_flight`.
+    pub fn new(manager: Arc<Manager>, auth: Auth, in_flight: InFlight) -> Self {
+        Self {
+            manager,
+            auth,
+            in_flight,
+        }
     }
 }
 
@@ -77,6 +84,7 @@ impl manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::ManagerScheduleRequest>,
     ) -> Result<Response<pb::ManagerScheduleResponse>, Status> {
+        let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
         let request = request.into_inner();
         let wire = request
@@ -99,6 +107,7 @@ impl manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::ManagerGetJobRequest>,
     ) -> Result<Response<pb::BackendJobStatus>, Status> {
+        let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
         let id = job_id(&request.get_ref().job_id)?;
         Ok(Response::new(self.manager.status(&id).await?))
@@ -108,6 +117,7 @@ impl manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::ManagerLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
         let request = request.into_inner();
         let id = job_id(&request.job_id)?;
@@ -124,6 +134,7 @@ impl manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::ManagerCancelRequest>,
     ) -> Result<Response<pb::BackendJobStatus>, Status> {
+        let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
         let request = request.into_inner();
         let id = job_id(&request.job_id)?;
@@ -136,6 +147,7 @@ impl manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::ManagerRemoveRequest>,
     ) -> Result<Response<pb::ManagerRemoveResponse>, Status> {
+        let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
         let request = request.into_inner();
         let id = job_id(&request.job_id)?;
@@ -150,6 +162,7 @@ impl manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::ManagerListOwnRequest>,
     ) -> Result<Response<pb::ManagerListOwnResponse>, Status> {
+        let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
         let request = request.into_inner();
         let page = request.page.unwrap_or_default();
@@ -185,6 +198,7 @@ impl manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::ManagerCapabilitiesRequest>,
     ) -> Result<Response<pb::ManagerCapabilitiesResponse>, Status> {
+        let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
         Ok(Response::new(self.manager.capabilities().await?))
     }

@@ -174,8 +174,9 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A broker running as its real binary.
-pub struct BrokerBinary {
+/// A service running as its real binary (`dispatch-broker`, `dispatch-manager`), its log
+/// drained into a file.
+pub struct ServiceBinary {
     /// `http://127.0.0.1:<port>`.
     pub uri: String,
     /// Its address.
@@ -185,49 +186,36 @@ pub struct BrokerBinary {
     log_writer: Option<std::thread::JoinHandle<()>>,
 }
 
-impl BrokerBinary {
-    /// Starts `dispatch-broker` on `store_root`, on `listen` (port 0 for any), and waits
-    /// for its "broker serving" log line to learn its address. `env` adds
-    /// `DISPATCH_BROKER_*` settings.
-    pub fn start(
-        binary: &Path,
-        store_root: &Path,
-        key: &TestKey,
-        listen: SocketAddr,
-        log: PathBuf,
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
+/// A broker binary (the name the broker's tests use).
+pub type BrokerBinary = ServiceBinary;
+
+impl ServiceBinary {
+    /// Starts `command` and waits for the log line `<ready> address=<addr>` that every
+    /// service prints once it serves, to learn its address (so it may listen on port 0).
+    /// The log goes to `log`; an exit before that line is an error carrying the log.
+    pub fn spawn(mut command: Command, ready: &str, log: PathBuf) -> Result<Self> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let mut child = Command::new(binary)
-            .envs(env.iter().copied())
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--store-root")
-            .arg(store_root)
-            .arg("--grant-key-file")
-            .arg(&key.file)
+        let program = command.get_program().to_string_lossy().into_owned();
+        let mut child = command
             .env("RUST_LOG", "info")
-            .env("DISPATCH_BROKER_SYNC_ON_COMMIT", "false")
-            .env("DISPATCH_BROKER_SHUTDOWN_GRACE_SECONDS", "10")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
+            .with_context(|| format!("cannot start {program}"))?;
         let stderr = child.stderr.take().context("no stderr")?;
         let mut lines = BufReader::new(stderr).lines();
-        let pattern = regex::Regex::new(r"broker serving address=(\S+)")?;
+        let pattern = regex::Regex::new(&format!(r"{} address=(\S+)", regex::escape(ready)))?;
         let mut seen = Vec::new();
         let address = loop {
             let Some(line) = lines.next() else {
                 let _ = child.wait();
-                bail!("the broker exited before serving:\n{}", seen.join("\n"));
+                bail!("{program} exited before serving:\n{}", seen.join("\n"));
             };
-            let line = line?;
-            let plain = strip_ansi(&line);
+            let plain = strip_ansi(&line?);
             if let Some(found) = pattern.captures(&plain) {
                 break found[1].parse::<SocketAddr>()?;
             }
@@ -251,6 +239,30 @@ impl BrokerBinary {
             log,
             log_writer: Some(log_writer),
         })
+    }
+
+    /// Starts `dispatch-broker` on `store_root`, on `listen` (port 0 for any). `env` adds
+    /// `DISPATCH_BROKER_*` settings.
+    pub fn start(
+        binary: &Path,
+        store_root: &Path,
+        key: &TestKey,
+        listen: SocketAddr,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let mut command = Command::new(binary);
+        command
+            .envs(env.iter().copied())
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--store-root")
+            .arg(store_root)
+            .arg("--grant-key-file")
+            .arg(&key.file)
+            .env("DISPATCH_BROKER_SYNC_ON_COMMIT", "false")
+            .env("DISPATCH_BROKER_SHUTDOWN_GRACE_SECONDS", "10");
+        Self::spawn(command, "broker serving", log)
     }
 
     /// The process id.
@@ -285,7 +297,7 @@ impl BrokerBinary {
             .arg(self.child.id().to_string())
             .status()?;
         if !status.success() {
-            bail!("could not signal the broker");
+            bail!("could not signal the service");
         }
         let status = self.child.wait()?;
         self.finish_log();
@@ -298,7 +310,7 @@ impl BrokerBinary {
     }
 }
 
-impl Drop for BrokerBinary {
+impl Drop for ServiceBinary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

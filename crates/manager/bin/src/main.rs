@@ -147,14 +147,14 @@ fn load(cli: &Cli) -> anyhow::Result<ManagerConfig> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let mut overrides = pfcon_settings(&env)?;
     overrides.extend(flags(cli));
-    let layers = dispatch_config::Layers {
+    let layers = dispatch_service::Layers {
         file: cli.config.as_deref(),
         env: &env,
         env_prefix: "DISPATCH_MANAGER_",
         env_not_keys: &["CONFIG"],
         overrides: &overrides,
     };
-    Ok(dispatch_config::load(&layers)?)
+    Ok(dispatch_service::load(&layers)?)
 }
 
 fn init_tracing(json: bool) {
@@ -264,31 +264,14 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
                 config.listen
             )
         })?;
-    server::run(Arc::new(config), backend, listener, shutdown_signal()).await?;
+    server::run(
+        Arc::new(config),
+        backend,
+        listener,
+        dispatch_service::shutdown_signal(),
+    )
+    .await?;
     Ok(())
-}
-
-/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        eprintln!("second signal: exiting now");
-        std::process::exit(130);
-    });
 }
 
 #[tokio::main]

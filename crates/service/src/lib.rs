@@ -1,0 +1,8 @@
+//! What every service binary shares, and nothing else: layered configuration, the
+//! shutdown signal, and the count of calls in flight that a drain waits for.
+
+pub mod config;
+pub mod drain;
+
+pub use config::{ConfigError, Layers, load};
+pub use drain::{InFlight, shutdown_signal};
