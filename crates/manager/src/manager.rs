@@ -35,6 +35,8 @@ pub struct Manager {
     locks: Mutex<HashMap<JobId, Arc<tokio::sync::Mutex<()>>>>,
     /// The time-limit watch of each job that has one.
     deadlines: Mutex<HashMap<JobId, tokio::task::AbortHandle>>,
+    /// Largest number of workers the engine takes (fixed for its life).
+    max_workers: u32,
     myself: Weak<Manager>,
 }
 
@@ -65,6 +67,7 @@ impl Manager {
     pub async fn start(config: &ManagerConfig, backend: Arc<dyn Backend>) -> Result<Arc<Self>> {
         let planner = Planner::new(config)?;
         let ledger = Ledger::open(&config.state_dir)?;
+        let max_workers = backend.capabilities().await?.max_workers;
         let manager = Arc::new_cyclic(|myself| Self {
             backend,
             planner,
@@ -72,6 +75,7 @@ impl Manager {
             manager_id: config.manager_id.clone(),
             locks: Mutex::new(HashMap::new()),
             deadlines: Mutex::new(HashMap::new()),
+            max_workers,
             myself: myself.clone(),
         });
         let owned = manager.backend.list_owned().await?;
@@ -97,19 +101,33 @@ impl Manager {
     /// is a replay (`false`); one that failed, was cancelled or lost is removed and started
     /// again, as pfcon does.
     pub async fn schedule(&self, spec: &JobSpec) -> Result<(pb::BackendJobStatus, bool)> {
-        let capabilities = self.backend.capabilities().await?;
-        if spec.workers().get() > capabilities.max_workers {
+        if spec.workers().get() > self.max_workers {
             return Err(Error::Unsupported {
                 field: "workers".into(),
                 reason: format!(
                     "Compute environment only supports number_of_workers={}, got {}",
-                    capabilities.max_workers,
+                    self.max_workers,
                     spec.workers()
                 ),
             });
         }
         let lock = self.lock_for(spec.job_id());
-        let _held = lock.lock().await;
+        let held = lock.lock().await;
+        let result = self.schedule_locked(spec).await;
+        drop(held);
+        drop(lock);
+        self.forget_idle_locks();
+        result
+    }
+
+    /// Drops the locks nobody holds or waits for, so the map does not grow with every job.
+    fn forget_idle_locks(&self) {
+        if let Ok(mut locks) = self.locks.lock() {
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+    }
+
+    async fn schedule_locked(&self, spec: &JobSpec) -> Result<(pb::BackendJobStatus, bool)> {
         if let Some(existing) = self.backend.status(spec.job_id()).await? {
             let status = self.to_status(existing);
             let state = status.state();
@@ -211,7 +229,15 @@ impl Manager {
     /// `staging_area` its `key-<job_id>` directory too. False when there was nothing.
     pub async fn remove(&self, job_id: &JobId, staging_area: bool) -> Result<bool> {
         let lock = self.lock_for(job_id);
-        let _held = lock.lock().await;
+        let held = lock.lock().await;
+        let result = self.remove_locked(job_id, staging_area).await;
+        drop(held);
+        drop(lock);
+        self.forget_idle_locks();
+        result
+    }
+
+    async fn remove_locked(&self, job_id: &JobId, staging_area: bool) -> Result<bool> {
         self.disarm_deadline(job_id);
         let removed = self.backend.remove(job_id).await?;
         self.ledger.forget(job_id)?;
@@ -226,9 +252,6 @@ impl Manager {
                 }
                 _ => {}
             }
-        }
-        if let Ok(mut locks) = self.locks.lock() {
-            locks.remove(job_id);
         }
         Ok(removed)
     }
