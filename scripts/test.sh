@@ -3,7 +3,8 @@
 #
 # Runs on a fresh Debian machine with a Rust toolchain: it installs and starts what the
 # engine-backed tests need (scripts/setup-engines.sh: busybox-static for the test image,
-# a Docker engine that answers). A missing engine fails the tests; nothing is skipped.
+# a Docker engine that answers; scripts/setup-postgres.sh: a private PostgreSQL cluster).
+# A missing engine fails the tests; nothing is skipped.
 #
 #   scripts/test.sh              # everything
 #   scripts/test.sh -p dispatch-broker --test resume   # extra args go to cargo test
@@ -16,6 +17,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "test engines"
 eval "$(scripts/setup-engines.sh)"
+# The coordinator's store runs its tests on PostgreSQL as well as SQLite.
+eval "$(scripts/setup-postgres.sh)"
 
 # Tests start the real binaries (a killed broker, a killed client), so build them first.
 step "building binaries"
@@ -41,3 +44,5 @@ step "deploy/ examples"
 echo "deploy/broker.example.toml loads"
 ./target/debug/dispatch-manager --config deploy/manager.example.toml --print-config > /dev/null
 echo "deploy/manager.example.toml loads"
+./target/debug/dispatch-coordinator --config deploy/coordinator.example.toml --print-config > /dev/null
+echo "deploy/coordinator.example.toml loads"

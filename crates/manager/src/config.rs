@@ -48,6 +48,83 @@ pub struct ManagerConfig {
     pub docker: toml::Table,
     /// Settings of the local backend (see that crate).
     pub local: toml::Table,
+    /// How this manager joins a hub (the coordinator) and stages through its site
+    /// broker; off while `hub.coordinator_uri` is empty.
+    pub hub: HubConfig,
+}
+
+/// The `[hub]` table: the site session the manager opens to the coordinator.
+///
+/// Secrets (the join token, the site credential, the site broker's grant) are read from
+/// files, never given inline, so they appear neither in `--print-config` nor in logs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// The coordinator's `SiteRegistry`, e.g. `http://hub.example.org:7440`; empty: the
+    /// manager serves only its own API and joins no hub.
+    pub coordinator_uri: String,
+    /// File holding the one-time join token, read only while the site has no credential.
+    pub join_token_file: Option<PathBuf>,
+    /// Where the site credential is kept once the hub has issued it (mode 0600); unset:
+    /// `<state_dir>/site-credential.json`.
+    pub credential_file: Option<PathBuf>,
+    /// Name suggested to the hub when joining; empty: the manager id.
+    pub site_name: String,
+    /// The site broker that fronts `store_root` and stages jobs' data with the hub broker;
+    /// empty: this site takes only jobs that need no staging.
+    pub site_broker_uri: String,
+    /// File holding the grant the manager presents to its site broker (it must allow
+    /// writing `key-*` areas and reading outputs).
+    pub site_broker_grant_file: Option<PathBuf>,
+    /// Labels advertised to the hub, matched by jobs' `placement.site_labels`.
+    pub site_labels: BTreeMap<String, String>,
+    /// Jobs from the hub this manager runs at once; 0: bounded by resources only.
+    pub max_concurrent_jobs: u32,
+    /// Heartbeat interval used until the hub sends its own, in seconds.
+    pub heartbeat_seconds: u32,
+    /// Longest wait between reconnects, in seconds (the wait doubles from
+    /// `reconnect_initial_millis`, with jitter, up to this).
+    pub reconnect_max_seconds: u32,
+    /// First wait before reconnecting after a dropped session, in milliseconds.
+    pub reconnect_initial_millis: u64,
+    /// How often a running job's state is looked at, in milliseconds.
+    pub job_poll_millis: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            coordinator_uri: String::new(),
+            join_token_file: None,
+            credential_file: None,
+            site_name: String::new(),
+            site_broker_uri: String::new(),
+            site_broker_grant_file: None,
+            site_labels: BTreeMap::new(),
+            max_concurrent_jobs: 0,
+            heartbeat_seconds: 10,
+            reconnect_max_seconds: 30,
+            reconnect_initial_millis: 500,
+            job_poll_millis: 500,
+        }
+    }
+}
+
+impl HubConfig {
+    /// True when a coordinator is configured.
+    pub fn is_enabled(&self) -> bool {
+        !self.coordinator_uri.trim().is_empty()
+    }
+}
+
+impl ManagerConfig {
+    /// Where the site credential lives: `hub.credential_file`, else in the state dir.
+    pub fn credential_file(&self) -> PathBuf {
+        self.hub
+            .credential_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("site-credential.json"))
+    }
 }
 
 impl Default for ManagerConfig {
@@ -69,6 +146,7 @@ impl Default for ManagerConfig {
             log_json: false,
             docker: toml::Table::new(),
             local: toml::Table::new(),
+            hub: HubConfig::default(),
         }
     }
 }

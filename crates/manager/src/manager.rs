@@ -101,6 +101,18 @@ impl Manager {
     /// is a replay (`false`); one that failed, was cancelled or lost is removed and started
     /// again, as pfcon does.
     pub async fn schedule(&self, spec: &JobSpec) -> Result<(pb::BackendJobStatus, bool)> {
+        self.schedule_attempt(spec, 0).await
+    }
+
+    /// [`schedule`](Self::schedule) for one attempt of a hub's job, labelled with it so a
+    /// restarted manager reports under it. `0` is local use. A job the backend holds
+    /// under another attempt is one the hub has moved on from: it is removed and the job
+    /// started afresh, so no two attempts of a job ever run here at once.
+    pub async fn schedule_attempt(
+        &self,
+        spec: &JobSpec,
+        attempt: u32,
+    ) -> Result<(pb::BackendJobStatus, bool)> {
         if spec.workers().get() > self.max_workers {
             return Err(Error::Unsupported {
                 field: "workers".into(),
@@ -113,7 +125,7 @@ impl Manager {
         }
         let lock = self.lock_for(spec.job_id());
         let held = lock.lock().await;
-        let result = self.schedule_locked(spec).await;
+        let result = self.schedule_locked(spec, attempt).await;
         drop(held);
         drop(lock);
         self.forget_idle_locks();
@@ -127,18 +139,30 @@ impl Manager {
         }
     }
 
-    async fn schedule_locked(&self, spec: &JobSpec) -> Result<(pb::BackendJobStatus, bool)> {
+    async fn schedule_locked(
+        &self,
+        spec: &JobSpec,
+        attempt: u32,
+    ) -> Result<(pb::BackendJobStatus, bool)> {
         if let Some(existing) = self.backend.status(spec.job_id()).await? {
             let status = self.to_status(existing);
             let state = status.state();
-            if !is_finished(state) || state == JobState::Succeeded {
+            let same_attempt = attempt == 0 || status.attempt == attempt;
+            if same_attempt && (!is_finished(state) || state == JobState::Succeeded) {
                 return Ok((status, false));
             }
-            tracing::info!(job = %spec.job_id(), ?state, "rescheduling a job that ended without success");
+            tracing::info!(job = %spec.job_id(), ?state, held_attempt = status.attempt, attempt,
+                "rescheduling a job that ended without success or under another attempt");
+            self.disarm_deadline(spec.job_id());
             self.backend.remove(spec.job_id()).await?;
         }
         self.ledger.forget(spec.job_id())?;
-        let request = self.planner.plan(spec)?;
+        let mut request = self.planner.plan(spec)?;
+        if attempt > 0 {
+            request
+                .labels
+                .insert(labels::ATTEMPT.into(), attempt.to_string());
+        }
         let observed = match self.backend.submit(&request).await {
             Ok(observed) => observed,
             // Another replica (or a call before a crash) created it meanwhile: a replay.
@@ -153,6 +177,11 @@ impl Manager {
         tracing::info!(job = %spec.job_id(), image = %request.image, "job scheduled");
         self.arm_deadline(&observed);
         Ok((self.to_status(observed), true))
+    }
+
+    /// This replica's id.
+    pub fn manager_id(&self) -> &str {
+        &self.manager_id
     }
 
     /// The job's status now.

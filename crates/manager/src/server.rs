@@ -50,8 +50,20 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let auth = auth(&config)?;
+    auth(&config)?;
     let manager = Manager::start(&config, backend).await?;
+    serve(config, manager, listener, shutdown).await
+}
+
+/// [`run`] over a manager already started, so the site session and the API share one
+/// [`Manager`] (its per-job locks and time-limit watches).
+pub async fn serve(
+    config: Arc<ManagerConfig>,
+    manager: Arc<Manager>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let auth = auth(&config)?;
     let address = listener
         .local_addr()
         .map_err(|e| Error::Server(e.to_string()))?;

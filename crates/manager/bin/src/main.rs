@@ -9,13 +9,16 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 
-use dispatch_manager::{Backend, ManagerConfig, server};
+use dispatch_manager::{Backend, Manager, ManagerConfig, SiteSession, server};
 
 /// The ChRIS Dispatch container manager: runs jobs on Docker, Podman or local processes.
 ///
 /// Settings come from defaults, then `--config`, then pfcon's environment variables
 /// (CONTAINER_USER, JOB_LABELS, ENABLE_HOME_WORKAROUND, IGNORE_LIMITS, SHM_SIZE,
 /// DOCKER_HOST), then DISPATCH_MANAGER_* variables, then flags.
+///
+/// With --coordinator-uri (or a [hub] table) it also joins a ChRIS Dispatch coordinator:
+/// once with --join-token-file, then with the credential it keeps in its state dir.
 #[derive(Parser)]
 #[command(name = "dispatch-manager", version)]
 struct Cli {
@@ -47,6 +50,13 @@ struct Cli {
     /// the local socket].
     #[arg(long)]
     docker_host: Option<String>,
+    /// The coordinator to join and take work from, e.g. http://hub.example.org:7440
+    /// (sets hub.coordinator_uri; without it the manager serves only its own API).
+    #[arg(long)]
+    coordinator_uri: Option<String>,
+    /// File holding the one-time join token for the first start (hub.join_token_file).
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json: bool,
@@ -135,6 +145,16 @@ fn flags(cli: &Cli) -> Vec<(String, toml::Value)> {
             .map(|p| text(&p.display().to_string())),
     );
     set("docker.host", cli.docker_host.as_deref().map(text));
+    set(
+        "hub.coordinator_uri",
+        cli.coordinator_uri.as_deref().map(text),
+    );
+    set(
+        "hub.join_token_file",
+        cli.join_token_file
+            .as_ref()
+            .map(|p| text(&p.display().to_string())),
+    );
     set(
         "insecure_no_auth",
         cli.insecure_no_auth.then_some(toml::Value::Boolean(true)),
@@ -264,13 +284,29 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
                 config.listen
             )
         })?;
-    server::run(
-        Arc::new(config),
-        backend,
-        listener,
-        dispatch_service::shutdown_signal(),
-    )
-    .await?;
+    let config = Arc::new(config);
+    if !config.hub.is_enabled() {
+        server::run(
+            config,
+            backend,
+            listener,
+            dispatch_service::shutdown_signal(),
+        )
+        .await?;
+        return Ok(());
+    }
+    // One manager for both faces, so the API and the hub's leases share its per-job locks.
+    let manager = Manager::start(&config, backend).await?;
+    let session = SiteSession::start(config.clone(), manager.clone()).await?;
+    let stop_session = session.shutdown_token();
+    let served = server::serve(config, manager, listener, async move {
+        dispatch_service::shutdown_signal().await;
+        // The session says goodbye while the API drains; jobs keep running.
+        stop_session.cancel();
+    })
+    .await;
+    session.shutdown().await;
+    served?;
     Ok(())
 }
 
