@@ -136,20 +136,6 @@ struct PullArgs {
     destination: PathBuf,
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn overrides(args: &ServeArgs) -> Vec<(String, toml::Value)> {
     let mut out = Vec::new();
     if let Some(listen) = &args.listen {
@@ -183,7 +169,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         print!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
     }
-    init_tracing(config.log_json);
+    dispatch_service::init_tracing(config.log_json, "info");
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| {
@@ -265,7 +251,7 @@ fn progress_printer(what: &'static str) -> Arc<dyn Fn(Progress) + Send + Sync> {
 }
 
 async fn push(args: PushArgs) -> anyhow::Result<()> {
-    init_tracing(false);
+    dispatch_service::init_tracing(false, "info");
     let source_dir = args
         .source
         .canonicalize()
@@ -310,7 +296,7 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
 }
 
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    init_tracing(false);
+    dispatch_service::init_tracing(false, "info");
     let destination = std::path::absolute(&args.destination)?;
     let parent = destination
         .parent()

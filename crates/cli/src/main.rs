@@ -2,7 +2,10 @@
 //! delete jobs; manage sites) and to the hub broker the coordinator names (upload inputs,
 //! download outputs), showing progress on every transfer and wait.
 
+mod demo;
+mod demo_plugin;
 mod show;
+mod stack;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,11 +16,13 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use dispatch_broker::StorePath;
 use dispatch_broker::client::{BrokerClient, Progress, TransferOptions};
 use dispatch_broker::store::{LocalStore, Source};
+use dispatch_broker::tar_encode::TreeCounts;
 use dispatch_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
 
 /// Runs analysis jobs through a ChRIS Dispatch coordinator.
@@ -30,8 +35,9 @@ struct Cli {
     command: Command,
 }
 
+/// Which coordinator to talk to, and how to print.
 #[derive(Args)]
-struct Hub {
+pub(crate) struct Hub {
     /// The coordinator's address.
     #[arg(
         long,
@@ -39,17 +45,37 @@ struct Hub {
         env = "DISPATCH_COORDINATOR",
         default_value = "http://127.0.0.1:7400"
     )]
-    coordinator: String,
+    pub(crate) coordinator: String,
     /// The client token the coordinator expects (or set DISPATCH_TOKEN).
     #[arg(long, global = true, env = "DISPATCH_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a hub (coordinator, hub broker) and a site (site broker, a manager) in this
+    /// process, data in one directory: the whole suite on one machine.
+    Up(UpArgs),
+    /// Run a sample plugin over a sample input end to end on a fresh machine: no image
+    /// to pull, no network; shows states and logs live and where the outputs are.
+    Demo {
+        /// Where the demo's services keep their files and the outputs land.
+        #[arg(long, default_value = "dispatch-demo")]
+        data_dir: PathBuf,
+        /// Compute backend: auto picks Docker when an engine answers, else local.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: stack::BackendChoice,
+    },
+    /// The demo's sample plugin (what the demo's container runs).
+    #[command(hide = true)]
+    DemoPlugin {
+        /// Options, then the input and output directories.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Submit a job: `dispatch submit --image IMG [options] -- ENTRYPOINT [ARGS...]`.
     Submit(SubmitArgs),
     /// Show one job.
@@ -117,6 +143,85 @@ enum SiteCommand {
     /// Create a one-time token a new site joins with (shown once).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Run a site on this machine (a site broker and a manager) joined to the hub at
+    /// --coordinator; it dials out, so it needs no inbound port.
+    Join(JoinArgs),
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Where every service keeps its files (database, stores, keys, state).
+    #[arg(long, env = "DISPATCH_DATA_DIR", default_value = "dispatch-data")]
+    data_dir: PathBuf,
+    /// The coordinator's address; beyond loopback, clients need the token it prints.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: std::net::SocketAddr,
+    /// The hub broker's address (sites and clients move data through it).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    broker_listen: std::net::SocketAddr,
+    /// The host name remote sites and clients dial, when it is not the listen address.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Compute backend of the local site: auto picks Docker when an engine answers.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: stack::BackendChoice,
+    /// Run only the hub: sites join from other machines (`dispatch site join`).
+    #[arg(long)]
+    no_site: bool,
+    /// Name of the local site.
+    #[arg(long, default_value = "local")]
+    site_name: String,
+    /// Also serve pfcon's REST API here, for CUBE (e.g. 127.0.0.1:5005).
+    #[arg(long)]
+    pfcon_listen: Option<std::net::SocketAddr>,
+    /// The user CUBE logs in to the pfcon API as.
+    #[arg(long, env = "PFCON_USER", default_value = "pfcon")]
+    pfcon_user: String,
+    /// Its password [default: made up on first start and kept in the data directory].
+    #[arg(long, env = "PFCON_PASSWORD", hide_env_values = true)]
+    pfcon_password: Option<String>,
+    /// pfcon's storage mode: zipfile (CUBE sends zips), or fslink or filesystem (CUBE
+    /// shares this hub's store, `<data-dir>/hub/store`).
+    #[arg(long, value_enum, default_value = "zipfile")]
+    pfcon_storage: PfconStorage,
+}
+
+/// pfcon's storage modes `dispatch up` serves.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PfconStorage {
+    Zipfile,
+    Fslink,
+    Filesystem,
+}
+
+impl PfconStorage {
+    fn word(self) -> &'static str {
+        match self {
+            PfconStorage::Zipfile => "zipfile",
+            PfconStorage::Fslink => "fslink",
+            PfconStorage::Filesystem => "filesystem",
+        }
+    }
+}
+
+#[derive(Args)]
+struct JoinArgs {
+    /// The site's name at the hub (the one its join token was created for).
+    #[arg(long)]
+    name: String,
+    /// File holding the join token (`dispatch site token create` on the hub); needed on
+    /// the first start only.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where the site keeps its files (store, state, keys).
+    #[arg(long, env = "DISPATCH_DATA_DIR", default_value = "dispatch-site")]
+    data_dir: PathBuf,
+    /// Compute backend: auto picks Docker when an engine answers.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: stack::BackendChoice,
+    /// Label key=value jobs can ask for (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -195,6 +300,9 @@ struct SubmitArgs {
     /// Label key=value (repeatable).
     #[arg(long = "label")]
     labels: Vec<String>,
+    /// Run only at sites carrying this label key=value (repeatable).
+    #[arg(long = "site-label")]
+    site_labels: Vec<String>,
     /// Flags whose value is the input dir (pfcon's args_path_flags).
     #[arg(long = "path-flag")]
     path_flags: Vec<String>,
@@ -209,7 +317,8 @@ struct SubmitArgs {
     command: Vec<String>,
 }
 
-type Client =
+/// A coordinator client that sends the token with every call.
+pub(crate) type Client =
     CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>>;
 
 /// Adds the client token to every call.
@@ -227,6 +336,18 @@ impl tonic::service::Interceptor for TokenInterceptor {
                 .insert("authorization", token.clone());
         }
         Ok(request)
+    }
+}
+
+/// Connects to the coordinator, trying again for `patience` while it is starting.
+pub(crate) async fn connect_retrying(hub: &Hub, patience: Duration) -> Result<Client> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match connect(hub).await {
+            Ok(client) => return Ok(client),
+            Err(error) if tokio::time::Instant::now() > deadline => return Err(error),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
 
@@ -254,7 +375,7 @@ async fn connect(hub: &Hub) -> Result<Client> {
 }
 
 /// The coordinator's refusal as a plain sentence.
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", status.message(), status.code())
 }
 
@@ -293,6 +414,100 @@ fn on_progress(bar: &ProgressBar) -> Arc<dyn Fn(Progress) + Send + Sync> {
     })
 }
 
+/// Uploads `dir` to the hub broker as the inputs of `job_id`, with a progress bar.
+pub(crate) async fn upload_inputs(
+    client: &mut Client,
+    job_id: &str,
+    dir: &std::path::Path,
+) -> Result<pb::UploadReference> {
+    let reserved = client
+        .create_upload(pb::CreateUploadRequest {
+            job_id: job_id.to_owned(),
+            expected_bytes: 0,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let access = reserved
+        .access
+        .context("the coordinator gave no broker access")?;
+    let endpoint = access.broker.context("the coordinator named no broker")?;
+    let mut broker = BrokerClient::connect(&endpoint.uri, Some(&access.grant))?;
+    let source =
+        LocalStore::read_only(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    let bar = transfer_bar("uploading inputs");
+    let outcome = broker
+        .upload(
+            Arc::new(source),
+            Source::Tree {
+                path: StorePath::root(),
+                skip_chrislinks: false,
+            },
+            &access.path,
+            &TransferOptions::default(),
+            Some(on_progress(&bar)),
+        )
+        .await?;
+    bar.finish_and_clear();
+    eprintln!(
+        "uploaded {} files ({} bytes)",
+        outcome.summary.counts.files, outcome.summary.counts.file_bytes
+    );
+    Ok(pb::UploadReference {
+        upload_id: reserved.upload_id,
+        tree_digest: outcome.summary.digest.to_vec().into(),
+    })
+}
+
+/// Downloads the outputs of `job_id` into `destination` (a new directory), with a
+/// progress bar.
+pub(crate) async fn download_outputs(
+    client: &mut Client,
+    job_id: &str,
+    destination: &std::path::Path,
+) -> Result<TreeCounts> {
+    let answer = client
+        .get_job_outputs(pb::GetJobOutputsRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let access = answer
+        .access
+        .context("the coordinator gave no broker access")?;
+    let endpoint = access.broker.context("the coordinator named no broker")?;
+    let mut broker = BrokerClient::connect(&endpoint.uri, Some(&access.grant))?;
+    let destination = std::path::absolute(destination)?;
+    let parent = destination
+        .parent()
+        .context("the destination needs a parent directory")?;
+    std::fs::create_dir_all(parent)?;
+    let name = destination
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("the destination needs a UTF-8 name")?;
+    let store = LocalStore::for_downloads(parent)?;
+    let source = pb::TreeSource {
+        source: Some(pb::tree_source::Source::Tree(pb::TreePath {
+            path: access.path.clone(),
+            skip_chrislinks: true,
+        })),
+    };
+    let bar = transfer_bar("downloading outputs");
+    let outcome = broker
+        .download(
+            source,
+            Arc::new(store),
+            StorePath::from_api(name)?,
+            &TransferOptions::default(),
+            Some(on_progress(&bar)),
+        )
+        .await?;
+    bar.finish_and_clear();
+    Ok(outcome.summary.counts)
+}
+
 async fn submit(hub: &Hub, args: SubmitArgs) -> Result<()> {
     let mut client = connect(hub).await?;
     let job_id = args
@@ -303,46 +518,10 @@ async fn submit(hub: &Hub, args: SubmitArgs) -> Result<()> {
         .command
         .split_first()
         .context("give the entrypoint after `--`")?;
-    let mut upload = None;
-    if let Some(dir) = &args.input_dir {
-        let reserved = client
-            .create_upload(pb::CreateUploadRequest {
-                job_id: job_id.clone(),
-                expected_bytes: 0,
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let access = reserved
-            .access
-            .context("the coordinator gave no broker access")?;
-        let endpoint = access.broker.context("the coordinator named no broker")?;
-        let mut broker = BrokerClient::connect(&endpoint.uri, Some(&access.grant))?;
-        let source =
-            LocalStore::read_only(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-        let bar = transfer_bar("uploading inputs");
-        let outcome = broker
-            .upload(
-                Arc::new(source),
-                Source::Tree {
-                    path: StorePath::root(),
-                    skip_chrislinks: false,
-                },
-                &access.path,
-                &TransferOptions::default(),
-                Some(on_progress(&bar)),
-            )
-            .await?;
-        bar.finish_and_clear();
-        eprintln!(
-            "uploaded {} files ({} bytes)",
-            outcome.summary.counts.files, outcome.summary.counts.file_bytes
-        );
-        upload = Some(pb::UploadReference {
-            upload_id: reserved.upload_id,
-            tree_digest: outcome.summary.digest.to_vec().into(),
-        });
-    }
+    let upload = match &args.input_dir {
+        Some(dir) => Some(upload_inputs(&mut client, &job_id, dir).await?),
+        None => None,
+    };
     let spec = pb::JobSpec {
         job_id: job_id.clone(),
         image: args.image,
@@ -361,6 +540,14 @@ async fn submit(hub: &Hub, args: SubmitArgs) -> Result<()> {
         workers: 1,
         labels: key_value("label", &args.labels)?,
         time_limit_seconds: args.time_limit.unwrap_or(0),
+        placement: (!args.site_labels.is_empty())
+            .then(|| {
+                anyhow::Ok(pb::Placement {
+                    site_labels: key_value("site-label", &args.site_labels)?,
+                    ..Default::default()
+                })
+            })
+            .transpose()?,
         ..Default::default()
     };
     let request = pb::SubmitJobRequest {
@@ -431,6 +618,12 @@ async fn wait_for_end(client: &mut Client, job_id: &str) -> Result<pb::Job> {
 async fn run(cli: Cli) -> Result<()> {
     let hub = &cli.hub;
     match cli.command {
+        Command::Up(args) => up(args).await,
+        Command::Demo { data_dir, backend } => {
+            demo::run(demo::DemoOptions { data_dir, backend }).await
+        }
+        Command::DemoPlugin { args } => demo_plugin::run(&args),
+        Command::Site(SiteCommand::Join(args)) => join(hub, args).await,
         Command::Submit(args) => submit(hub, args).await,
         Command::Status { job_id } => {
             let mut client = connect(hub).await?;
@@ -537,49 +730,12 @@ async fn run(cli: Cli) -> Result<()> {
             destination,
         } => {
             let mut client = connect(hub).await?;
-            let answer = client
-                .get_job_outputs(pb::GetJobOutputsRequest {
-                    job_id: job_id.clone(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let access = answer
-                .access
-                .context("the coordinator gave no broker access")?;
-            let endpoint = access.broker.context("the coordinator named no broker")?;
-            let mut broker = BrokerClient::connect(&endpoint.uri, Some(&access.grant))?;
+            let counts = download_outputs(&mut client, &job_id, &destination).await?;
             let destination = std::path::absolute(&destination)?;
-            let parent = destination
-                .parent()
-                .context("the destination needs a parent directory")?;
-            std::fs::create_dir_all(parent)?;
-            let name = destination
-                .file_name()
-                .and_then(|n| n.to_str())
-                .context("the destination needs a UTF-8 name")?;
-            let store = LocalStore::for_downloads(parent)?;
-            let source = pb::TreeSource {
-                source: Some(pb::tree_source::Source::Tree(pb::TreePath {
-                    path: access.path.clone(),
-                    skip_chrislinks: true,
-                })),
-            };
-            let bar = transfer_bar("downloading outputs");
-            let outcome = broker
-                .download(
-                    source,
-                    Arc::new(store),
-                    StorePath::from_api(name)?,
-                    &TransferOptions::default(),
-                    Some(on_progress(&bar)),
-                )
-                .await?;
-            bar.finish_and_clear();
             println!(
                 "{} files ({} bytes) of job {job_id} are in {}",
-                outcome.summary.counts.files,
-                outcome.summary.counts.file_bytes,
+                counts.files,
+                counts.file_bytes,
                 destination.display()
             );
             Ok(())
@@ -671,6 +827,158 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    dispatch_service::init_tracing(false, "warn");
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let data_dir = std::path::absolute(&args.data_dir)?;
+    let stop = CancellationToken::new();
+    let hub = stack::Hub::start(
+        &stack::HubOptions {
+            data_dir: data_dir.clone(),
+            listen: args.listen,
+            broker_listen: args.broker_listen,
+            advertise: args.advertise,
+            pfcon: args.pfcon_listen.map(|listen| stack::PfconOptions {
+                listen,
+                user: args.pfcon_user.clone(),
+                password: args.pfcon_password.clone(),
+                storage: args.pfcon_storage.word().into(),
+            }),
+        },
+        &stop,
+    )
+    .await?;
+    println!("coordinator   {}", hub.coordinator_uri);
+    println!("hub broker    {}", hub.broker_uri);
+    if let Some((url, password_file)) = &hub.pfcon {
+        println!(
+            "pfcon API     {url} (user {}, password in {}, storage {})",
+            args.pfcon_user,
+            password_file.display(),
+            args.pfcon_storage.word()
+        );
+        if args.pfcon_storage != PfconStorage::Zipfile {
+            println!(
+                "storeBase     {} (share it with CUBE)",
+                hub.store_root.display()
+            );
+        }
+    }
+    if let Some(file) = &hub.client_token_file {
+        println!(
+            "client token  in {} (export DISPATCH_TOKEN=\"$(cat {})\")",
+            file.display(),
+            file.display()
+        );
+    }
+    let site = if args.no_site {
+        None
+    } else {
+        let started = async {
+            let join_token = if stack::Site::has_joined(&data_dir) {
+                None
+            } else {
+                Some(
+                    stack::create_join_token(
+                        &hub.coordinator_uri,
+                        hub.client_token.as_deref(),
+                        &args.site_name,
+                    )
+                    .await?,
+                )
+            };
+            stack::Site::start(
+                &stack::SiteOptions {
+                    data_dir: data_dir.clone(),
+                    name: args.site_name.clone(),
+                    coordinator_uri: hub.coordinator_uri.clone(),
+                    join_token,
+                    labels: Default::default(),
+                    backend: args.backend,
+                    // In pfcon's filesystem mode the plugin reads and writes the shared
+                    // store in place, so the local site works in the hub's store.
+                    store_root: (args.pfcon_storage == PfconStorage::Filesystem)
+                        .then(|| hub.store_root.clone()),
+                },
+                &stop,
+            )
+            .await
+        };
+        match started.await {
+            Ok(site) => {
+                println!(
+                    "site          {} on backend {} ({})",
+                    args.site_name, site.backend_kind, site.backend_why
+                );
+                Some(site)
+            }
+            Err(error) => {
+                stop.cancel();
+                let _ = hub.stop().await;
+                return Err(error);
+            }
+        }
+    };
+    println!("data          {}", data_dir.display());
+    println!(
+        "ready: `dispatch --coordinator {} submit ...`; Ctrl-C stops",
+        hub.coordinator_uri
+    );
+    tokio::select! {
+        () = dispatch_service::shutdown_signal() => {}
+        () = stop.cancelled() => {}
+    }
+    eprintln!("stopping");
+    let site_stopped = match site {
+        Some(site) => site.stop().await,
+        None => Ok(()),
+    };
+    stop.cancel();
+    let hub_stopped = hub.stop().await;
+    site_stopped.and(hub_stopped)
+}
+
+async fn join(hub: &Hub, args: JoinArgs) -> Result<()> {
+    dispatch_service::init_tracing(false, "info");
+    let join_token = match &args.token_file {
+        Some(file) if !stack::Site::has_joined(&args.data_dir) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the join token in {}", file.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        _ => None,
+    };
+    let stop = CancellationToken::new();
+    let site = stack::Site::start(
+        &stack::SiteOptions {
+            data_dir: std::path::absolute(&args.data_dir)?,
+            name: args.name.clone(),
+            coordinator_uri: hub.coordinator.clone(),
+            join_token,
+            labels: key_value("label", &args.labels)?.into_iter().collect(),
+            backend: args.backend,
+            store_root: None,
+        },
+        &stop,
+    )
+    .await?;
+    println!(
+        "site {} on backend {} ({}), store {}; dialing the hub at {}; Ctrl-C stops",
+        args.name,
+        site.backend_kind,
+        site.backend_why,
+        site.store_root.display(),
+        hub.coordinator
+    );
+    tokio::select! {
+        () = dispatch_service::shutdown_signal() => {}
+        () = stop.cancelled() => {}
+    }
+    site.stop().await
 }
 
 #[tokio::main]

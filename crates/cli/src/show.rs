@@ -29,28 +29,28 @@ pub fn is_terminal(state: pb::JobState) -> bool {
     )
 }
 
-fn reason_text(reason: Option<&pb::StateReason>) -> String {
+/// A state's reason in a few words: its code, exit code and message, where set.
+pub fn reason_text(reason: Option<&pb::StateReason>) -> String {
     let Some(reason) = reason else {
         return String::new();
     };
-    let mut text = String::new();
+    let mut parts = Vec::new();
     if reason.code() != pb::ReasonCode::Unspecified {
-        text.push_str(
+        parts.push(
             reason
                 .code()
                 .as_str_name()
                 .trim_start_matches("REASON_CODE_")
-                .to_ascii_lowercase()
-                .as_str(),
+                .to_ascii_lowercase(),
         );
     }
     if let Some(code) = reason.exit_code {
-        text.push_str(&format!(" (exit {code})"));
+        parts.push(format!("exit {code}"));
     }
     if !reason.message.is_empty() {
-        text.push_str(&format!(": {}", reason.message));
+        parts.push(reason.message.clone());
     }
-    text
+    parts.join(", ")
 }
 
 fn time(stamp: Option<&prost_types::Timestamp>) -> String {

@@ -39,6 +39,162 @@ pub struct CoordinatorConfig {
     pub shutdown_grace_seconds: u64,
     /// Log JSON lines instead of text.
     pub log_json: bool,
+    /// How sites join, heartbeat, and are given up on.
+    pub sites: SitesConfig,
+    /// The hub broker sites stage through and clients upload to and download from, and
+    /// the key its grants are signed with.
+    pub hub_broker: HubBrokerConfig,
+    /// How the scheduler places queued jobs.
+    pub scheduler: SchedulerConfig,
+    /// pfcon's REST API, for CUBE (off unless `pfcon.listen` is set).
+    pub pfcon: crate::pfcon::PfconConfig,
+}
+
+/// What happens to the jobs of a site that stopped answering (missed its heartbeats
+/// without saying goodbye).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossPolicy {
+    /// Keep them as they are and mark nothing: the site is expected back (a partition, a
+    /// maintenance), and reconciles them when it is.
+    Wait,
+    /// Put them back in the queue as a new attempt, to run elsewhere; if the site comes
+    /// back it is told to remove the old attempt. A job the site was still running during
+    /// a partition may then have run at two sites for a while, but never reports twice:
+    /// the old attempt's reports are refused.
+    Requeue,
+    /// End them LOST (reason SITE_LOST).
+    Fail,
+}
+
+/// The `[sites]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SitesConfig {
+    /// Managers send a heartbeat this often, in seconds.
+    pub heartbeat_seconds: u32,
+    /// A site is marked unreachable after this many heartbeat intervals without a word.
+    pub unreachable_after_heartbeats: u32,
+    /// What happens to an unreachable site's jobs.
+    pub loss_policy: LossPolicy,
+    /// How long a join token stays usable when its creator says nothing, in seconds.
+    pub join_token_ttl_seconds: u32,
+    /// A site must send a first report on a lease (or decline it) within this many
+    /// seconds, or the job is taken back and placed again.
+    pub lease_seconds: u32,
+    /// Managers resend a status report not acknowledged after this many seconds.
+    pub status_resend_seconds: u32,
+    /// Largest log chunk a site sends in one message.
+    pub max_log_chunk_bytes: u32,
+}
+
+impl Default for SitesConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_seconds: 10,
+            unreachable_after_heartbeats: 3,
+            loss_policy: LossPolicy::Requeue,
+            join_token_ttl_seconds: 3600,
+            lease_seconds: 60,
+            status_resend_seconds: 30,
+            max_log_chunk_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl SitesConfig {
+    /// How long a site may stay silent before it is unreachable.
+    pub fn unreachable_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            u64::from(self.heartbeat_seconds) * u64::from(self.unreachable_after_heartbeats),
+        )
+    }
+}
+
+/// How bytes travel between the brokers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireCompression {
+    /// As they are (loopback, fast networks).
+    None,
+    /// Gzip per chunk (slow links).
+    Gzip,
+}
+
+/// How a site broker moves a job's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageMethod {
+    /// Link when the site shares the hub's filesystem, else transfer.
+    Auto,
+    /// Always link (the site must share the hub's filesystem).
+    Link,
+    /// Always over the wire.
+    Transfer,
+}
+
+/// The `[hub_broker]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubBrokerConfig {
+    /// The hub broker as sites and clients dial it, e.g. `http://hub.example.org:7443`;
+    /// empty: no hub broker (jobs are sent without a staging plan, and uploads and
+    /// outputs are refused).
+    pub uri: String,
+    /// PEM of the CA that signs the hub broker's certificate, handed to sites.
+    pub ca_pem_file: Option<PathBuf>,
+    /// Server name in the hub broker's certificate when it differs from the URI's host.
+    pub tls_server_name: String,
+    /// The secret shared with the hub broker, which grants are signed with (required
+    /// with `uri`).
+    pub grant_key_file: Option<PathBuf>,
+    /// How long a grant works, in seconds; sites ask for fresh ones when theirs run out.
+    pub grant_ttl_seconds: u32,
+    /// How long an upload reservation waits to be used by a submission, in seconds.
+    pub upload_ttl_seconds: u32,
+    /// Compression between the brokers.
+    pub compression: WireCompression,
+    /// How site brokers move data.
+    pub stage_method: StageMethod,
+}
+
+impl Default for HubBrokerConfig {
+    fn default() -> Self {
+        Self {
+            uri: String::new(),
+            ca_pem_file: None,
+            tls_server_name: String::new(),
+            grant_key_file: None,
+            grant_ttl_seconds: 3600,
+            upload_ttl_seconds: 24 * 3600,
+            compression: WireCompression::None,
+            stage_method: StageMethod::Auto,
+        }
+    }
+}
+
+/// The `[scheduler]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Placements committed in one transaction.
+    pub batch: u32,
+    /// Queued jobs looked at in one round, at most (those that fit nowhere are passed
+    /// over, so a large queue cannot hide the jobs that do fit).
+    pub scan_limit: u32,
+    /// A round runs at least this often even when nothing nudges the scheduler, in
+    /// milliseconds.
+    pub interval_millis: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            batch: 256,
+            scan_limit: 5000,
+            interval_millis: 1000,
+        }
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -53,6 +209,10 @@ impl Default for CoordinatorConfig {
             insecure_no_auth: false,
             shutdown_grace_seconds: 30,
             log_json: false,
+            sites: SitesConfig::default(),
+            hub_broker: HubBrokerConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            pfcon: crate::pfcon::PfconConfig::default(),
         }
     }
 }
@@ -113,6 +273,40 @@ impl CoordinatorConfig {
             )));
         }
         self.database()?;
+        let sites = &self.sites;
+        if sites.heartbeat_seconds == 0 || sites.unreachable_after_heartbeats < 2 {
+            return Err(Error::Config(
+                "sites: heartbeat_seconds must be at least 1 and unreachable_after_heartbeats at least 2"
+                    .into(),
+            ));
+        }
+        if sites.lease_seconds == 0 || sites.join_token_ttl_seconds == 0 {
+            return Err(Error::Config(
+                "sites: lease_seconds and join_token_ttl_seconds must be at least 1".into(),
+            ));
+        }
+        let broker = &self.hub_broker;
+        if !broker.uri.is_empty() && broker.grant_key_file.is_none() {
+            return Err(Error::Config(
+                "hub_broker.grant_key_file is required with hub_broker.uri: the coordinator signs the grants sites and clients present to the hub broker".into(),
+            ));
+        }
+        if broker.grant_ttl_seconds < 60 || broker.upload_ttl_seconds < 60 {
+            return Err(Error::Config(
+                "hub_broker: grant_ttl_seconds and upload_ttl_seconds must be at least 60".into(),
+            ));
+        }
+        self.pfcon.check()?;
+        if self.pfcon.is_enabled() && broker.uri.is_empty() {
+            return Err(Error::Config(
+                "pfcon.listen needs a hub broker (hub_broker.uri): CUBE's inputs and outputs pass through its store".into(),
+            ));
+        }
+        if self.scheduler.batch == 0 || self.scheduler.scan_limit == 0 {
+            return Err(Error::Config(
+                "scheduler: batch and scan_limit must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -132,6 +326,7 @@ impl CoordinatorConfig {
     pub fn redacted(&self) -> Self {
         Self {
             database_url: redact_url(&self.database_url),
+            pfcon: self.pfcon.redacted(),
             ..self.clone()
         }
     }

@@ -15,6 +15,9 @@ pub enum Error {
     /// No job with this id is stored.
     #[error("job `{0}` is not known")]
     NotFound(String),
+    /// No site with this id is registered.
+    #[error("site `{0}` is not known")]
+    UnknownSite(String),
     /// A job with this id exists with another spec: a new job needs a new id.
     #[error(
         "job `{job_id}` already exists with a different spec ({}); submit it under another id, or purge the old one first",
@@ -83,7 +86,7 @@ impl Error {
         use tonic::Code;
         match self {
             Error::InvalidArgument(_) => (Code::InvalidArgument, 400),
-            Error::NotFound(_) => (Code::NotFound, 404),
+            Error::NotFound(_) | Error::UnknownSite(_) => (Code::NotFound, 404),
             Error::AlreadyExists { .. } => (Code::AlreadyExists, 409),
             Error::IllegalTransition { .. } => (Code::FailedPrecondition, 409),
             Error::FailedPrecondition(_) => (Code::FailedPrecondition, 409),

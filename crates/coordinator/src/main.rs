@@ -13,7 +13,9 @@ use dispatch_coordinator::{CoordinatorConfig, server};
 /// The ChRIS Dispatch coordinator: accepts jobs, keeps them durably, and serves their state.
 ///
 /// Settings come from defaults, then `--config`, then DISPATCH_COORDINATOR_* variables,
-/// then flags.
+/// then pfcon's variables for its REST API (PFCON_USER, PFCON_PASSWORD, SECRET_KEY,
+/// PFCON_INNETWORK, STORAGE_ENV, STOREBASE_MOUNT, CONTAINER_ENV, COMPUTE_VOLUME_TYPE,
+/// JOB_LOGS_TAIL, REMOVE_JOBS; PFCON_LEGACY_API for pfcon 5's `jobs/` API), then flags.
 #[derive(Parser)]
 #[command(name = "dispatch-coordinator", version)]
 struct Cli {
@@ -35,6 +37,9 @@ struct Cli {
     /// Serve the API without a token (a private coordinator on loopback).
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Serve pfcon's REST API for CUBE on this address, e.g. 0.0.0.0:5005 (pfcon.listen).
+    #[arg(long)]
+    pfcon_listen: Option<String>,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json: bool,
@@ -66,13 +71,57 @@ fn flags(cli: &Cli) -> Vec<(String, toml::Value)> {
         "insecure_no_auth",
         cli.insecure_no_auth.then_some(toml::Value::Boolean(true)),
     );
+    set("pfcon.listen", cli.pfcon_listen.as_deref().map(text));
     set("log_json", cli.json.then_some(toml::Value::Boolean(true)));
     out
 }
 
+/// pfcon's settings under pfcon's names, for a coordinator deployed where pfcon was.
+fn pfcon_settings(env: &BTreeMap<String, String>) -> anyhow::Result<Vec<(String, toml::Value)>> {
+    let flag = |name: &str, value: &str| -> anyhow::Result<bool> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            other => anyhow::bail!("{name}: `{other}` is neither true nor false"),
+        }
+    };
+    let mut out = Vec::new();
+    for (name, key) in [
+        ("PFCON_USER", "pfcon.user"),
+        ("PFCON_PASSWORD", "pfcon.password"),
+        ("SECRET_KEY", "pfcon.secret_key"),
+        ("STORAGE_ENV", "pfcon.storage_env"),
+        ("STOREBASE_MOUNT", "pfcon.storebase"),
+        ("CONTAINER_ENV", "pfcon.container_env"),
+        ("COMPUTE_VOLUME_TYPE", "pfcon.compute_volume_type"),
+    ] {
+        if let Some(value) = env.get(name) {
+            out.push((key.to_owned(), text(value)));
+        }
+    }
+    for (name, key) in [
+        ("PFCON_INNETWORK", "pfcon.innetwork"),
+        ("REMOVE_JOBS", "pfcon.remove_jobs"),
+        ("PFCON_LEGACY_API", "pfcon.legacy_api"),
+    ] {
+        if let Some(value) = env.get(name) {
+            out.push((key.to_owned(), toml::Value::Boolean(flag(name, value)?)));
+        }
+    }
+    if let Some(tail) = env.get("JOB_LOGS_TAIL") {
+        let lines: i64 = tail
+            .trim()
+            .parse()
+            .with_context(|| format!("JOB_LOGS_TAIL: `{tail}` is not a number of lines"))?;
+        out.push(("pfcon.job_logs_tail".into(), toml::Value::Integer(lines)));
+    }
+    Ok(out)
+}
+
 fn load(cli: &Cli) -> anyhow::Result<CoordinatorConfig> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
-    let overrides = flags(cli);
+    let mut overrides = pfcon_settings(&env)?;
+    overrides.extend(flags(cli));
     let layers = dispatch_service::Layers {
         file: cli.config.as_deref(),
         env: &env,
@@ -85,27 +134,13 @@ fn load(cli: &Cli) -> anyhow::Result<CoordinatorConfig> {
     Ok(config)
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn serve(cli: Cli) -> anyhow::Result<()> {
     let config = load(&cli)?;
     if cli.print_config {
         print!("{}", toml::to_string_pretty(&config.redacted())?);
         return Ok(());
     }
-    init_tracing(config.log_json);
+    dispatch_service::init_tracing(config.log_json, "info");
     server::auth(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -1,6 +1,7 @@
 //! The client job API (`dispatch.v1.Coordinator`): checks each request at the door, then
-//! hands it to the [`Store`]. The parts that later steps bring (logs, uploads, outputs,
-//! sites) answer FAILED_PRECONDITION saying which step; none fakes a success.
+//! hands it to the [`Store`] (jobs) or the [`Registry`] (sites, logs, what sites must be
+//! told). A change is committed before the site hears of it and before the client is
+//! answered.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,8 +17,9 @@ use dispatch_proto::{FieldError, JobId, JobSpec};
 use dispatch_service::InFlight;
 
 use crate::error::Error;
+use crate::registry::Registry;
 use crate::state::JobState;
-use crate::store::{EventFilter, JobFilter, PageKey, Store};
+use crate::store::{EventFilter, JobFilter, PageKey, Store, UnixMicros, UploadRecord};
 
 /// Who may call: holders of the configured token, or anyone.
 #[derive(Clone)]
@@ -57,21 +59,192 @@ impl Auth {
 #[derive(Clone)]
 pub struct CoordinatorService {
     store: Store,
+    registry: Registry,
     auth: Auth,
     in_flight: InFlight,
     stopping: CancellationToken,
 }
 
 impl CoordinatorService {
-    /// Serves `store`, admitting callers by `auth`; counts its calls (streams included) in
-    /// `in_flight`, and ends its watch streams when `stopping` is cancelled.
-    pub fn new(store: Store, auth: Auth, in_flight: InFlight, stopping: CancellationToken) -> Self {
+    /// Serves `store` and `registry`, admitting callers by `auth`; counts its calls
+    /// (streams included) in `in_flight`, and ends its streams when `stopping` is
+    /// cancelled.
+    pub fn new(
+        store: Store,
+        registry: Registry,
+        auth: Auth,
+        in_flight: InFlight,
+        stopping: CancellationToken,
+    ) -> Self {
         Self {
             store,
+            registry,
             auth,
             in_flight,
             stopping,
         }
+    }
+
+    /// The door of `SubmitJob`: the spec checked; with an upload, its inputs pointed at
+    /// the upload once it is known to be committed at the hub broker and free for this
+    /// job; and, for a new job, one some registered site could run.
+    async fn submitted_spec(&self, request: &mut v1::SubmitJobRequest) -> Result<JobSpec, Error> {
+        let mut wire = request
+            .spec
+            .take()
+            .ok_or_else(|| FieldError::new("spec", "is required"))?;
+        if let Some(v1::input_spec::Source::Uploaded(_)) =
+            wire.inputs.as_ref().and_then(|i| i.source.as_ref())
+        {
+            // Only the coordinator may point a job at an upload, once it has checked the
+            // upload is the caller's: a client naming a hub path would read anyone's inputs.
+            return Err(FieldError::new(
+                "spec.inputs.uploaded",
+                "is filled in by the coordinator from `upload`; send the upload reference instead",
+            )
+            .into());
+        }
+        let upload = request.upload.take();
+        if let Some(reference) = &upload {
+            if wire.inputs.as_ref().is_some_and(|i| i.source.is_some()) {
+                return Err(FieldError::new(
+                    "spec.inputs",
+                    "must be unset with `upload`: the coordinator fills it in",
+                )
+                .into());
+            }
+            check_upload_id(&reference.upload_id)?;
+            wire.inputs = Some(v1::InputSpec {
+                source: Some(v1::input_spec::Source::Uploaded(v1::UploadedInputs {
+                    hub_path: upload_path(&reference.upload_id),
+                    tree_digest: reference.tree_digest.clone(),
+                })),
+            });
+        }
+        let spec = JobSpec::try_from(wire).map_err(|e| {
+            if e.field == "inputs.uploaded.tree_digest" {
+                FieldError::new("upload.tree_digest", e.reason)
+            } else {
+                e.within("spec")
+            }
+        })?;
+        self.admissible(&spec).await?;
+        if let Some(reference) = &upload {
+            self.check_upload(&reference.upload_id, spec.job_id().as_str())
+                .await?;
+        }
+        Ok(spec)
+    }
+
+    /// Refuses a new job no registered site could run. A stored job was judged when it
+    /// was accepted: its replay (or retry) is not refused because the sites changed since.
+    /// Looked up only when the sites refuse it, so a new job costs the store nothing
+    /// before its write.
+    async fn admissible(&self, spec: &JobSpec) -> Result<(), Error> {
+        if let Err(refused) = self.registry.check_admissible(spec) {
+            match self.store.get(spec.job_id()).await {
+                Ok(_) => {}
+                Err(Error::NotFound(_)) => return Err(refused),
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a checked submission and answers it.
+    async fn store_submission(
+        &self,
+        spec: &JobSpec,
+        retry_if_failed: bool,
+    ) -> Result<v1::SubmitJobResponse, Error> {
+        let submitted = self.store.submit(spec, retry_if_failed).await?;
+        if submitted.created {
+            self.registry.nudge();
+        }
+        tracing::info!(
+            job = %spec.job_id(),
+            created = submitted.created,
+            attempt = submitted.job.status.attempt,
+            state = %submitted.job.status.state,
+            "job submitted"
+        );
+        Ok(v1::SubmitJobResponse {
+            job: Some(submitted.job.to_wire()),
+            created: submitted.created,
+        })
+    }
+
+    /// Submits a job whose inputs this process placed in the hub's store itself, at
+    /// `hub_path` (pfcon's face unpacks CUBE's zip there). The upload reservation and
+    /// its checks guard against a client naming another's upload; here nobody names
+    /// anything, so they are skipped, and with them two synced writes per job.
+    pub async fn submit_placed(
+        &self,
+        mut wire: v1::JobSpec,
+        hub_path: String,
+        retry_if_failed: bool,
+    ) -> Result<v1::SubmitJobResponse, Status> {
+        let _call = self.in_flight.enter();
+        wire.inputs = Some(v1::InputSpec {
+            source: Some(v1::input_spec::Source::Uploaded(v1::UploadedInputs {
+                hub_path,
+                tree_digest: Default::default(),
+            })),
+        });
+        let spec = JobSpec::try_from(wire).map_err(|e| Error::from(e.within("spec")))?;
+        self.admissible(&spec).await?;
+        Ok(self.store_submission(&spec, retry_if_failed).await?)
+    }
+
+    /// An upload may be used by a job: it is committed at the hub broker, then bound to
+    /// the job (refused if it is another job's, or expired).
+    async fn check_upload(&self, upload_id: &str, job_id: &str) -> Result<UploadRecord, Error> {
+        let hub = self.registry.hub_broker().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "upload: this coordinator has no hub broker (hub_broker.uri); give inputs already in the hub's storage in spec.inputs.shared".into(),
+            )
+        })?;
+        let path = upload_path(upload_id);
+        let mut client = hub.client_for(&[path.as_str()])?;
+        let stat = client
+            .raw()
+            .stat(v1::StatRequest { path: path.clone() })
+            .await
+            .map_err(|status| {
+                Error::Unavailable(format!(
+                    "cannot ask the hub broker about upload `{upload_id}`: {}",
+                    status.message()
+                ))
+            })?
+            .into_inner();
+        let committed = stat.exists
+            && stat
+                .entry
+                .is_some_and(|e| e.kind() == v1::EntryKind::Directory);
+        if !committed {
+            return Err(Error::FailedPrecondition(format!(
+                "upload `{upload_id}` is not committed at the hub broker; finish Broker.Upload (with the grant from CreateUpload) before submitting"
+            )));
+        }
+        self.store.claim_upload(upload_id, job_id).await
+    }
+}
+
+/// Where an upload lives at the hub broker.
+fn upload_path(upload_id: &str) -> String {
+    format!("uploads/{upload_id}")
+}
+
+fn check_upload_id(raw: &str) -> Result<(), Error> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 128
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new("upload.upload_id", "is not an id CreateUpload returned").into())
     }
 }
 
@@ -105,33 +278,6 @@ fn optional_name(field: &str, raw: String) -> Result<Option<String>, Error> {
     Ok(Some(raw).filter(|name| !name.is_empty()))
 }
 
-/// The door of `SubmitJob`: the spec checked, and inputs only from where this step can
-/// take them.
-fn submitted_spec(request: &mut v1::SubmitJobRequest) -> Result<JobSpec, Error> {
-    if request.upload.is_some() {
-        return Err(Error::NotYet {
-            what: "upload:",
-            comes_with: "uploads come with the hub broker integration; for now give inputs already in the hub's storage in spec.inputs.shared",
-        });
-    }
-    let wire = request
-        .spec
-        .take()
-        .ok_or_else(|| FieldError::new("spec", "is required"))?;
-    if let Some(v1::input_spec::Source::Uploaded(_)) =
-        wire.inputs.as_ref().and_then(|i| i.source.as_ref())
-    {
-        // Only the coordinator may point a job at an upload, once it has checked the
-        // upload is the caller's: a client naming a hub path would read anyone's inputs.
-        return Err(FieldError::new(
-            "spec.inputs.uploaded",
-            "is filled in by the coordinator from `upload`; send the upload reference instead",
-        )
-        .into());
-    }
-    Ok(JobSpec::try_from(wire).map_err(|e| e.within("spec"))?)
-}
-
 #[tonic::async_trait]
 impl coordinator_server::Coordinator for CoordinatorService {
     type WatchJobsStream = BoxStream<v1::JobEvent>;
@@ -144,19 +290,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
         let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
         let mut request = request.into_inner();
-        let spec = submitted_spec(&mut request)?;
-        let submitted = self.store.submit(&spec, request.retry_if_failed).await?;
-        tracing::info!(
-            job = %spec.job_id(),
-            created = submitted.created,
-            attempt = submitted.job.status.attempt,
-            state = %submitted.job.status.state,
-            "job submitted"
-        );
-        Ok(Response::new(v1::SubmitJobResponse {
-            job: Some(submitted.job.to_wire()),
-            created: submitted.created,
-        }))
+        let spec = self.submitted_spec(&mut request).await?;
+        Ok(Response::new(
+            self.store_submission(&spec, request.retry_if_failed)
+                .await?,
+        ))
     }
 
     async fn get_job(
@@ -241,13 +379,22 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::JobLogsRequest>,
     ) -> Result<Response<Self::JobLogsStream>, Status> {
-        let _call = self.in_flight.enter();
+        // The stream holds its own guard, as watch streams do.
+        let call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
-        Err(Error::NotYet {
-            what: "JobLogs:",
-            comes_with: "logs are relayed from the job's site, which comes with the site session step",
-        }
-        .into())
+        let request = request.into_inner();
+        let id = job_id("job_id", &request.job_id)?;
+        let job = self.store.get(&id).await?;
+        let relay = self
+            .registry
+            .follow_logs(&job, request.tail_lines, request.follow)?;
+        let chunks = relay
+            .take_until(self.stopping.clone().cancelled_owned())
+            .map(move |chunk| {
+                let _call = &call;
+                chunk
+            });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn cancel_job(
@@ -259,6 +406,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         let request = request.into_inner();
         let id = job_id("job_id", &request.job_id)?;
         let job = self.store.cancel(&id, &request.message).await?;
+        self.registry.forward_cancel(&job);
         tracing::info!(
             job = %id,
             state = %job.status.state,
@@ -276,7 +424,27 @@ impl coordinator_server::Coordinator for CoordinatorService {
         self.auth.check(request.metadata())?;
         let request = request.into_inner();
         let id = job_id("job_id", &request.job_id)?;
+        let before = self.store.get(&id).await.ok();
         let deleted = self.store.delete(&id, request.purge).await?;
+        // The site lets go of what it holds: stops the job first if it still runs (and
+        // removes it once it reports the end), or removes it now.
+        match (&deleted.job, &before) {
+            (Some(job), _) if job.status.cancel_requested && job.status.state.is_placed() => {
+                self.registry.forward_cancel(job);
+            }
+            (Some(job), _) | (None, Some(job)) if job.status.state.is_terminal() => {
+                if let Some(site) = &job.status.site {
+                    self.registry.forward_remove(
+                        &site.site_id,
+                        &site.manager_id,
+                        job.job_id.as_str(),
+                        job.status.attempt,
+                        true,
+                    );
+                }
+            }
+            _ => {}
+        }
         tracing::info!(job = %id, purged = deleted.purged, "job deleted");
         Ok(Response::new(v1::DeleteJobResponse {
             job: deleted.job.map(|job| job.to_wire()),
@@ -290,11 +458,34 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::CreateUploadResponse>, Status> {
         let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
-        Err(Error::NotYet {
-            what: "CreateUpload:",
-            comes_with: "uploads come with the hub broker integration",
-        }
-        .into())
+        let request = request.into_inner();
+        let hub = self.registry.hub_broker().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "CreateUpload: this coordinator has no hub broker (hub_broker.uri); give inputs already in the hub's storage in spec.inputs.shared".into(),
+            )
+        })?;
+        let job = match request.job_id.as_str() {
+            "" => None,
+            raw => Some(job_id("job_id", raw)?.to_string()),
+        };
+        let upload_id = crate::secret::new_id("up");
+        let now = UnixMicros::now();
+        let ttl = i64::try_from(hub.upload_ttl().as_micros()).unwrap_or(i64::MAX);
+        let record = UploadRecord {
+            hub_path: upload_path(&upload_id),
+            upload_id: upload_id.clone(),
+            job_id: job,
+            expected_bytes: request.expected_bytes,
+            created_at: now,
+            expires_at: UnixMicros(now.0.saturating_add(ttl)),
+            used_by_job: None,
+        };
+        self.store.insert_upload(&record).await?;
+        tracing::info!(upload = %upload_id, job = ?record.job_id, "upload reserved");
+        Ok(Response::new(v1::CreateUploadResponse {
+            access: Some(hub.upload_access(&upload_id, &record.hub_path)),
+            upload_id,
+        }))
     }
 
     async fn get_job_outputs(
@@ -303,11 +494,32 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::GetJobOutputsResponse>, Status> {
         let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
-        Err(Error::NotYet {
-            what: "GetJobOutputs:",
-            comes_with: "outputs are served through the hub broker, which comes with the hub broker integration",
-        }
-        .into())
+        let id = job_id("job_id", &request.get_ref().job_id)?;
+        let job = self.store.get(&id).await?;
+        let finished = matches!(job.status.state, JobState::Succeeded | JobState::Failed);
+        let (true, Some(summary)) = (finished, job.outputs.clone()) else {
+            return Err(Error::FailedPrecondition(format!(
+                "the outputs of job `{id}` are not back at the hub ({}{})",
+                job.status.state,
+                if finished {
+                    ", and none were staged out"
+                } else {
+                    "; wait until it ends"
+                }
+            ))
+            .into());
+        };
+        let hub = self.registry.hub_broker().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "GetJobOutputs: this coordinator has no hub broker (hub_broker.uri)".into(),
+            )
+        })?;
+        let spec = JobSpec::try_from(job.spec.clone())
+            .map_err(|e| Error::Corrupt(format!("job `{id}` spec: {e}")))?;
+        Ok(Response::new(v1::GetJobOutputsResponse {
+            access: Some(hub.output_access(id.as_str(), &spec.hub_output_path())),
+            summary: Some(summary),
+        }))
     }
 
     async fn create_join_token(
@@ -316,11 +528,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::CreateJoinTokenResponse>, Status> {
         let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
-        Err(Error::NotYet {
-            what: "CreateJoinToken:",
-            comes_with: "join tokens come with the site registry step",
-        }
-        .into())
+        Ok(Response::new(
+            self.registry
+                .create_join_token(request.into_inner())
+                .await?,
+        ))
     }
 
     async fn list_sites(
@@ -329,11 +541,9 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::ListSitesResponse>, Status> {
         let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
-        Err(Error::NotYet {
-            what: "ListSites:",
-            comes_with: "sites come with the site registry step",
-        }
-        .into())
+        Ok(Response::new(
+            self.registry.list_sites(request.into_inner()).await?,
+        ))
     }
 
     async fn revoke_site(
@@ -342,11 +552,12 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::Site>, Status> {
         let _call = self.in_flight.enter();
         self.auth.check(request.metadata())?;
-        Err(Error::NotYet {
-            what: "RevokeSite:",
-            comes_with: "sites come with the site registry step",
-        }
-        .into())
+        let request = request.into_inner();
+        Ok(Response::new(
+            self.registry
+                .revoke(&request.site_id, &request.message)
+                .await?,
+        ))
     }
 }
 

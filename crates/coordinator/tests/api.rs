@@ -218,7 +218,20 @@ async fn refusals_name_the_field() -> Result<()> {
         ..submit(spec("job-up"))
     }))
     .await;
-    assert_status(&status, Code::FailedPrecondition, "hub broker integration");
+    assert_status(&status, Code::InvalidArgument, "spec.inputs: must be unset");
+    let mut zipfile = spec("job-up");
+    zipfile.storage_mode = v1::StorageMode::Zipfile.into();
+    zipfile.output_dir.clear();
+    zipfile.inputs = None;
+    let status = refused(client.submit_job(v1::SubmitJobRequest {
+        upload: Some(v1::UploadReference {
+            upload_id: "u-1".into(),
+            tree_digest: Default::default(),
+        }),
+        ..submit(zipfile)
+    }))
+    .await;
+    assert_status(&status, Code::FailedPrecondition, "no hub broker");
 
     let status = refused(client.get_job(v1::GetJobRequest {
         job_id: "no-such-job".into(),
@@ -255,7 +268,7 @@ async fn refusals_name_the_field() -> Result<()> {
 }
 
 #[tokio::test]
-async fn later_steps_say_which() -> Result<()> {
+async fn without_a_hub_broker_or_a_site_calls_say_what_they_need() -> Result<()> {
     let db = TestDb::sqlite()?;
     let coordinator = Running::start(db.config()).await?;
     let mut client = coordinator.client().await?;
@@ -265,17 +278,35 @@ async fn later_steps_say_which() -> Result<()> {
         follow: false,
     }))
     .await;
-    assert_status(&status, Code::FailedPrecondition, "site session");
+    assert_status(&status, Code::NotFound, "`j`");
+    client.submit_job(submit(spec("queued"))).await?;
+    let status = refused(client.job_logs(v1::JobLogsRequest {
+        job_id: "queued".into(),
+        tail_lines: None,
+        follow: false,
+    }))
+    .await;
+    assert_status(&status, Code::FailedPrecondition, "never placed");
     let status = refused(client.create_upload(v1::CreateUploadRequest::default())).await;
-    assert_status(&status, Code::FailedPrecondition, "hub broker");
-    let status = refused(client.get_job_outputs(v1::GetJobOutputsRequest::default())).await;
-    assert_status(&status, Code::FailedPrecondition, "hub broker");
-    let status = refused(client.create_join_token(v1::CreateJoinTokenRequest::default())).await;
-    assert_status(&status, Code::FailedPrecondition, "site registry");
-    let status = refused(client.list_sites(v1::ListSitesRequest::default())).await;
-    assert_status(&status, Code::FailedPrecondition, "site registry");
+    assert_status(&status, Code::FailedPrecondition, "no hub broker");
+    let status = refused(client.get_job_outputs(v1::GetJobOutputsRequest {
+        job_id: "queued".into(),
+    }))
+    .await;
+    assert_status(&status, Code::FailedPrecondition, "not back at the hub");
     let status = refused(client.revoke_site(v1::RevokeSiteRequest::default())).await;
-    assert_status(&status, Code::FailedPrecondition, "site registry");
+    assert_status(&status, Code::InvalidArgument, "site_id");
+    let status = refused(client.revoke_site(v1::RevokeSiteRequest {
+        site_id: "site-nope".into(),
+        message: String::new(),
+    }))
+    .await;
+    assert_status(&status, Code::NotFound, "site-nope");
+    let sites = client
+        .list_sites(v1::ListSitesRequest::default())
+        .await?
+        .into_inner();
+    assert!(sites.sites.is_empty() && sites.next_page_token.is_empty());
     coordinator.stop().await
 }
 

@@ -12,6 +12,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ledger;
+pub mod log_file;
 pub mod manager;
 pub mod request;
 pub mod server;

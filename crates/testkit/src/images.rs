@@ -38,6 +38,7 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("links.sh", include_str!("../plugins/links.sh")),
     ("chatty.sh", include_str!("../plugins/chatty.sh")),
     ("readonly.sh", include_str!("../plugins/readonly.sh")),
+    ("record.sh", include_str!("../plugins/record.sh")),
 ];
 
 const CONTAINERFILE: &str = "\
@@ -332,6 +333,19 @@ mod tests {
             assert_eq!(
                 std::fs::read_link(output.join("data-link"))?,
                 Path::new("data.txt")
+            );
+            let log = dir.path().join("record.log");
+            let l = log.to_string_lossy();
+            let (code, _) = run(
+                "record.sh",
+                &["--log", &l, "--name", "r1", "--seconds", "0", &o],
+            )?;
+            assert_eq!(code, 0, "{shell} record.sh");
+            assert_eq!(std::fs::read_to_string(output.join("record.txt"))?, "r1\n");
+            let trace = std::fs::read_to_string(&log)?;
+            assert!(
+                trace.contains("start r1") && trace.contains("end r1"),
+                "{trace}"
             );
             // On the host nothing is mounted read-only: it only has to run and report.
             let (code, out) = run("readonly.sh", &[&i, &o])?;

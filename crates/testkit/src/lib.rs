@@ -391,6 +391,17 @@ pub fn tree_listing(root: &Path) -> Result<TreeListing> {
     Ok(out)
 }
 
+/// Fills `buf` with the next bytes of a xorshift64 stream from `state`: cheap, and no
+/// compressor can shrink it, like real image data.
+pub fn fill_pattern(state: &mut u64, buf: &mut [u8]) {
+    for word in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+    }
+}
+
 /// Writes `len` bytes of deterministic, incompressible-looking data to `path`.
 pub fn write_pattern_file(path: &Path, len: u64, seed: u64) -> Result<()> {
     use std::io::Write;
@@ -399,19 +410,40 @@ pub fn write_pattern_file(path: &Path, len: u64, seed: u64) -> Result<()> {
     let mut remaining = len;
     let mut block = vec![0u8; 1 << 16];
     while remaining > 0 {
-        for word in block.chunks_mut(8) {
-            // xorshift64: cheap, and gzip cannot shrink it, like real image data.
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
-        }
+        fill_pattern(&mut state, &mut block);
         let n = remaining.min(block.len() as u64) as usize;
         file.write_all(&block[..n])?;
         remaining -= n as u64;
     }
     file.flush()?;
     Ok(())
+}
+
+/// A `multipart/form-data` body as python-requests sends one (CUBE's client): the text
+/// `fields`, then `file` as the `data_file` part, read as it is sent (never held whole).
+pub fn multipart_body<F: std::io::Read + Send + 'static>(
+    boundary: &str,
+    fields: &[(&str, String)],
+    file: F,
+) -> impl std::io::Read + Send + use<F> {
+    let mut head = Vec::new();
+    for (name, value) in fields {
+        head.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    head.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"data_file\"; filename=\"data.zip\"\r\nContent-Type: application/zip\r\n\r\n")
+            .as_bytes(),
+    );
+    let tail = format!("\r\n--{boundary}--\r\n").into_bytes();
+    std::io::Read::chain(
+        std::io::Read::chain(std::io::Cursor::new(head), file),
+        std::io::Cursor::new(tail),
+    )
 }
 
 /// A tree with what breaks naive transfer code: many small files, empty files and dirs,

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod site;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -210,6 +212,33 @@ impl Running {
             stop: Some(stop),
             task,
         })
+    }
+
+    /// Opens the store `config` names and serves it, with pfcon's REST API on a port of
+    /// its own; returns that API's base URI (`http://127.0.0.1:<port>/api/v1/`) too.
+    pub async fn start_with_pfcon(config: CoordinatorConfig) -> Result<(Self, String)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let pfcon = TcpListener::bind("127.0.0.1:0").await?;
+        let uri = format!("http://{}", listener.local_addr()?);
+        let pfcon_uri = format!("http://{}/api/v1/", pfcon.local_addr()?);
+        let store = server::open_store(&config).await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run_with_listeners(
+            Arc::new(config),
+            store.clone(),
+            listener,
+            Some(pfcon),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let running = Self {
+            uri,
+            store,
+            stop: Some(stop),
+            task,
+        };
+        Ok((running, pfcon_uri))
     }
 
     /// A client of it.

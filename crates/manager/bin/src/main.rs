@@ -11,7 +11,8 @@ use clap::Parser;
 
 use dispatch_manager::{Backend, Manager, ManagerConfig, SiteSession, server};
 
-/// The ChRIS Dispatch container manager: runs jobs on Docker, Podman or local processes.
+/// The ChRIS Dispatch container manager: runs jobs on Docker, Podman, Slurm or local
+/// processes.
 ///
 /// Settings come from defaults, then `--config`, then pfcon's environment variables
 /// (CONTAINER_USER, JOB_LABELS, ENABLE_HOME_WORKAROUND, IGNORE_LIMITS, SHM_SIZE,
@@ -22,12 +23,16 @@ use dispatch_manager::{Backend, Manager, ManagerConfig, SiteSession, server};
 #[derive(Parser)]
 #[command(name = "dispatch-manager", version)]
 struct Cli {
-    /// Compute backend: docker, podman or local.
+    /// Compute backend: docker, podman, slurm or local.
     #[arg(long)]
     backend: Option<String>,
     /// TOML configuration file (keys as in `--print-config`).
     #[arg(long, env = "DISPATCH_MANAGER_CONFIG")]
     config: Option<PathBuf>,
+    /// TOML file with the slurm backend's settings (the keys of a `[slurm]` table, or a
+    /// file holding that table), e.g. partition, account, runtime, job_dir.
+    #[arg(long, env = "DISPATCH_MANAGER_SLURM_CONFIG")]
+    slurm_config: Option<PathBuf>,
     /// Address of the manager's gRPC API [default: 127.0.0.1:7444].
     #[arg(long)]
     listen: Option<String>,
@@ -171,36 +176,72 @@ fn load(cli: &Cli) -> anyhow::Result<ManagerConfig> {
         file: cli.config.as_deref(),
         env: &env,
         env_prefix: "DISPATCH_MANAGER_",
-        env_not_keys: &["CONFIG"],
+        env_not_keys: &["CONFIG", "SLURM_CONFIG"],
         overrides: &overrides,
     };
     Ok(dispatch_service::load(&layers)?)
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// The backend named in the configuration, connected.
-async fn backend(config: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+async fn backend(config: &ManagerConfig, slurm: &toml::Table) -> anyhow::Result<Arc<dyn Backend>> {
     match config.backend.as_str() {
         "docker" | "podman" => docker_backend(config).await,
         "local" => local_backend(config).await,
-        kind @ ("swarm" | "kubernetes" | "openshift" | "slurm") => {
-            bail!("the {kind} backend is not part of this build yet; use docker, podman or local")
+        "slurm" => slurm_backend(config, slurm).await,
+        kind @ ("swarm" | "kubernetes" | "openshift") => {
+            bail!(
+                "the {kind} backend is not part of this build yet; use docker, podman, slurm or local"
+            )
         }
-        other => bail!("unknown backend `{other}`; use docker, podman or local"),
+        other => bail!("unknown backend `{other}`; use docker, podman, slurm or local"),
     }
+}
+
+/// The slurm backend's settings: the table `--slurm-config` names. (The manager's own file
+/// has no `[slurm]` table yet: its config type refuses unknown keys.)
+fn slurm_table(cli: &Cli) -> anyhow::Result<toml::Table> {
+    let Some(path) = &cli.slurm_config else {
+        return Ok(toml::Table::new());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --slurm-config {}", path.display()))?;
+    let mut table: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("--slurm-config {} is not TOML", path.display()))?;
+    // A file holding a `[slurm]` table, such as a copy of --print-config's, is taken too.
+    if table.len() == 1
+        && let Some(toml::Value::Table(inner)) = table.remove("slurm")
+    {
+        return Ok(inner);
+    }
+    Ok(table)
+}
+
+#[cfg(feature = "slurm")]
+fn slurm_settings(
+    config: &ManagerConfig,
+    table: &toml::Table,
+) -> anyhow::Result<dispatch_backend_slurm::SlurmConfig> {
+    let settings = dispatch_backend_slurm::SlurmConfig::from_table(
+        table.clone(),
+        &config.state_dir.join("slurm"),
+    )?;
+    settings.check()?;
+    Ok(settings)
+}
+
+#[cfg(feature = "slurm")]
+async fn slurm_backend(
+    config: &ManagerConfig,
+    table: &toml::Table,
+) -> anyhow::Result<Arc<dyn Backend>> {
+    let settings = slurm_settings(config, table).context("[slurm] settings")?;
+    let backend = dispatch_backend_slurm::SlurmBackend::open(&config.manager_id, settings)?;
+    Ok(Arc::new(backend))
+}
+
+#[cfg(not(feature = "slurm"))]
+async fn slurm_backend(_: &ManagerConfig, _: &toml::Table) -> anyhow::Result<Arc<dyn Backend>> {
+    bail!("this dispatch-manager was built without feature `slurm`")
 }
 
 #[cfg(feature = "docker")]
@@ -246,7 +287,7 @@ async fn local_backend(_: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
 
 /// Checks the settings of every backend compiled in, so a misspelt key is reported by
 /// `--print-config` too, not only when that backend starts.
-fn check_backend_settings(config: &ManagerConfig) -> anyhow::Result<()> {
+fn check_backend_settings(config: &ManagerConfig, slurm: &toml::Table) -> anyhow::Result<()> {
     #[cfg(feature = "docker")]
     {
         let _: dispatch_backend_docker::DockerConfig = toml::Value::Table(config.docker.clone())
@@ -263,19 +304,31 @@ fn check_backend_settings(config: &ManagerConfig) -> anyhow::Result<()> {
             .try_into()
             .context("[local] settings")?;
     }
+    #[cfg(feature = "slurm")]
+    slurm_settings(config, slurm).context("[slurm] settings (--slurm-config)")?;
+    #[cfg(not(feature = "slurm"))]
+    let _ = slurm;
     Ok(())
 }
 
 async fn serve(cli: Cli) -> anyhow::Result<()> {
     let config = load(&cli)?;
-    check_backend_settings(&config)?;
+    let slurm = slurm_table(&cli)?;
+    check_backend_settings(&config, &slurm)?;
     if cli.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
+        #[cfg(feature = "slurm")]
+        if config.backend == "slurm" || cli.slurm_config.is_some() {
+            let settings = slurm_settings(&config, &slurm)?;
+            let mut shown = toml::Table::new();
+            shown.insert("slurm".into(), toml::Value::try_from(settings)?);
+            print!("\n# --slurm-config\n{}", toml::to_string_pretty(&shown)?);
+        }
         return Ok(());
     }
-    init_tracing(config.log_json);
+    dispatch_service::init_tracing(config.log_json, "info");
     server::auth(&config)?;
-    let backend = backend(&config).await?;
+    let backend = backend(&config, &slurm).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| {
