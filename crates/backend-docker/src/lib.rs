@@ -34,8 +34,11 @@ use dispatch_proto::v1::JobState;
 use futures::{StreamExt, TryStreamExt};
 
 pub use crate::config::{DEFAULT_HOST, DockerConfig, EngineKind, PullPolicy};
+// Docker API helpers the swarm backend (same engine API) shares.
+pub use crate::observe::parse_time;
 use crate::observe::{container_name, is_owned, observe};
-use crate::spec::{HostLimits, check_request, container_body, is_container_name, pull_reference};
+pub use crate::spec::pull_reference;
+use crate::spec::{HostLimits, check_request, container_body, is_container_name};
 
 /// How long connecting (and negotiating the API version) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -560,7 +563,7 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
 /// Whether `image` can only be an image reference: the characters of
 /// `[registry[:port]/]name[:tag][@digest]` and no empty, `.` or `..` path component, so it
 /// cannot change the engine URL it goes in.
-fn is_image_reference(image: &str) -> bool {
+pub fn is_image_reference(image: &str) -> bool {
     image
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'))

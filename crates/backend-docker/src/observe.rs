@@ -164,7 +164,7 @@ fn outcome(inspect: &ContainerInspectResponse, killed_by_us: bool) -> Outcome {
 /// Reads an RFC 3339 time as the engine writes it (`2024-05-01T10:00:00.123456789Z`,
 /// Podman may give an offset instead of `Z`). Docker's zero time (`0001-01-01T00:00:00Z`,
 /// "never") and anything before 1970 or unreadable give `None`.
-pub(crate) fn parse_time(text: &str) -> Option<SystemTime> {
+pub fn parse_time(text: &str) -> Option<SystemTime> {
     let bytes = text.as_bytes();
     let number = |range: std::ops::Range<usize>| -> Option<i64> {
         let digits = text.get(range)?;
