@@ -1,7 +1,8 @@
 //! The manager's configuration: defaults, then a TOML file, then `DISPATCH_MANAGER_*`
 //! environment variables (pfcon's names too: `CONTAINER_USER`, `JOB_LABELS`, ...), then
-//! flags. Backend-specific settings live in a table named after the backend
-//! (`[docker]`, `[local]`), handed as is to that backend, which checks them itself.
+//! flags. Backend-specific settings live in a table named after the backend (`[docker]`,
+//! `[local]`, `[slurm]`, `[swarm]`, `[kubernetes]`), handed as is to that backend, which
+//! checks them itself.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ pub struct ManagerConfig {
     /// This replica's id: labels everything it creates, so it must be stable across
     /// restarts and unique among the replicas sharing one engine.
     pub manager_id: String,
-    /// The compute backend: docker, podman, local (swarm, kubernetes, slurm later).
+    /// The compute backend: docker, podman, swarm, kubernetes, openshift, slurm or local.
     pub backend: String,
     /// The site's storeBase: each job runs on `key-<job_id>/incoming` and `outgoing`.
     pub store_root: PathBuf,
@@ -48,6 +49,13 @@ pub struct ManagerConfig {
     pub docker: toml::Table,
     /// Settings of the local backend (see that crate).
     pub local: toml::Table,
+    /// Settings of the slurm backend (see that crate); `--slurm-config` can supply them
+    /// from a file of their own instead.
+    pub slurm: toml::Table,
+    /// Settings of the swarm backend (see that crate).
+    pub swarm: toml::Table,
+    /// Settings of the kubernetes backend, used for `openshift` too (see that crate).
+    pub kubernetes: toml::Table,
     /// How this manager joins a hub (the coordinator) and stages through its site
     /// broker; off while `hub.coordinator_uri` is empty.
     pub hub: HubConfig,
@@ -146,6 +154,9 @@ impl Default for ManagerConfig {
             log_json: false,
             docker: toml::Table::new(),
             local: toml::Table::new(),
+            slurm: toml::Table::new(),
+            swarm: toml::Table::new(),
+            kubernetes: toml::Table::new(),
             hub: HubConfig::default(),
         }
     }

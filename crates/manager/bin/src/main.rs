@@ -30,7 +30,8 @@ struct Cli {
     #[arg(long, env = "DISPATCH_MANAGER_CONFIG")]
     config: Option<PathBuf>,
     /// TOML file with the slurm backend's settings (the keys of a `[slurm]` table, or a
-    /// file holding that table), e.g. partition, account, runtime, job_dir.
+    /// file holding that table), e.g. partition, account, runtime, job_dir; laid over the
+    /// `[slurm]` table of --config.
     #[arg(long, env = "DISPATCH_MANAGER_SLURM_CONFIG")]
     slurm_config: Option<PathBuf>,
     /// Address of the manager's gRPC API [default: 127.0.0.1:7444].
@@ -197,11 +198,12 @@ async fn backend(config: &ManagerConfig, slurm: &toml::Table) -> anyhow::Result<
     }
 }
 
-/// The slurm backend's settings: the table `--slurm-config` names. (The manager's own file
-/// has no `[slurm]` table yet: its config type refuses unknown keys.)
-fn slurm_table(cli: &Cli) -> anyhow::Result<toml::Table> {
+/// The slurm backend's settings: the configuration's `[slurm]` table, with the keys of the
+/// file `--slurm-config` names laid over it.
+fn slurm_table(cli: &Cli, config: &ManagerConfig) -> anyhow::Result<toml::Table> {
+    let mut merged = config.slurm.clone();
     let Some(path) = &cli.slurm_config else {
-        return Ok(toml::Table::new());
+        return Ok(merged);
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read --slurm-config {}", path.display()))?;
@@ -211,9 +213,10 @@ fn slurm_table(cli: &Cli) -> anyhow::Result<toml::Table> {
     if table.len() == 1
         && let Some(toml::Value::Table(inner)) = table.remove("slurm")
     {
-        return Ok(inner);
+        table = inner;
     }
-    Ok(table)
+    merged.extend(table);
+    Ok(merged)
 }
 
 #[cfg(feature = "slurm")]
@@ -305,7 +308,7 @@ fn check_backend_settings(config: &ManagerConfig, slurm: &toml::Table) -> anyhow
             .context("[local] settings")?;
     }
     #[cfg(feature = "slurm")]
-    slurm_settings(config, slurm).context("[slurm] settings (--slurm-config)")?;
+    slurm_settings(config, slurm).context("[slurm] settings")?;
     #[cfg(not(feature = "slurm"))]
     let _ = slurm;
     Ok(())
@@ -313,17 +316,21 @@ fn check_backend_settings(config: &ManagerConfig, slurm: &toml::Table) -> anyhow
 
 async fn serve(cli: Cli) -> anyhow::Result<()> {
     let config = load(&cli)?;
-    let slurm = slurm_table(&cli)?;
+    let slurm = slurm_table(&cli, &config)?;
     check_backend_settings(&config, &slurm)?;
     if cli.print_config {
-        print!("{}", toml::to_string_pretty(&config)?);
+        let mut shown = config.clone();
+        // The slurm settings as the backend reads them (defaults filled in, the
+        // --slurm-config file laid over), so the output loads back as one file.
         #[cfg(feature = "slurm")]
-        if config.backend == "slurm" || cli.slurm_config.is_some() {
+        if config.backend == "slurm" || !slurm.is_empty() {
             let settings = slurm_settings(&config, &slurm)?;
-            let mut shown = toml::Table::new();
-            shown.insert("slurm".into(), toml::Value::try_from(settings)?);
-            print!("\n# --slurm-config\n{}", toml::to_string_pretty(&shown)?);
+            shown.slurm = match toml::Value::try_from(settings)? {
+                toml::Value::Table(table) => table,
+                _ => bail!("the slurm settings do not form a table"),
+            };
         }
+        print!("{}", toml::to_string_pretty(&shown)?);
         return Ok(());
     }
     dispatch_service::init_tracing(config.log_json, "info");

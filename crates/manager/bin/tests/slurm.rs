@@ -1,6 +1,6 @@
 //! `dispatch-manager --backend slurm` as an operator runs it, on the one-node cluster of
 //! `scripts/setup-slurm.sh` (found through `SLURM_CONF`; without it this test fails): the
-//! slurm settings from `--slurm-config`, a job end to end as a Slurm batch job, and a
+//! slurm settings from the config's `[slurm]` table and `--slurm-config`, a job end to end as a Slurm batch job, and a
 //! clean stop on SIGTERM that leaves no job behind.
 
 #![cfg(feature = "slurm")]
@@ -24,14 +24,18 @@ async fn slurm_backend_runs_a_job_from_the_binary() -> Result<()> {
     };
     let dir = TestDir::new("manager-binary-slurm")?;
     std::fs::create_dir_all(dir.join("store"))?;
-    // Without a container: the job runs the node's /bin/sh, here this host's.
+    // The `[slurm]` table of the manager's file, with `--slurm-config` laid over it: the
+    // job runs without a container (the node's /bin/sh, here this host's) only if the
+    // file's `runtime = "none"` wins over the table's `docker`, which could not run the
+    // image `ignored:1`.
     std::fs::write(
-        dir.join("slurm.toml"),
+        dir.join("manager.toml"),
         format!(
-            "[slurm]\nslurm_conf = {:?}\nruntime = \"none\"\n",
+            "[slurm]\nslurm_conf = {:?}\nruntime = \"docker\"\n",
             slurm_conf.to_string_lossy()
         ),
     )?;
+    std::fs::write(dir.join("slurm.toml"), "[slurm]\nruntime = \"none\"\n")?;
     let mut command = Command::new(MANAGER);
     command
         .args([
@@ -47,6 +51,8 @@ async fn slurm_backend_runs_a_job_from_the_binary() -> Result<()> {
         .arg(dir.join("store"))
         .arg("--state-dir")
         .arg(dir.join("state"))
+        .arg("--config")
+        .arg(dir.join("manager.toml"))
         .arg("--slurm-config")
         .arg(dir.join("slurm.toml"));
     let mut manager = ServiceBinary::spawn(command, "manager serving", dir.join("manager.log"))?;
