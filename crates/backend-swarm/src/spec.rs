@@ -121,7 +121,7 @@ pub(crate) fn service_spec(job: &JobRequest, name: &str, config: &SwarmConfig) -
             memory_bytes: Some(memory_bytes),
             pids: None,
         }),
-        reservations: config.reserve_resources.then(|| ResourceObject {
+        reservations: config.reserve_resources.then_some(ResourceObject {
             nano_cpus: Some(nano_cpus),
             memory_bytes: Some(memory_bytes),
             generic_resources: None,
