@@ -182,19 +182,14 @@ impl SwarmBackend {
         if self.config.network != NO_NETWORK {
             return Ok(());
         }
-        match self
-            .docker
-            .inspect_network(ISOLATED_NETWORK, None::<InspectNetworkOptions>)
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(error) if status_code(&error) == Some(404) => {}
-            Err(error) => {
-                return Err(
-                    self.engine_error(&format!("inspecting network `{ISOLATED_NETWORK}`"), &error)
-                );
-            }
+        if self.swarm_has_network(ISOLATED_NETWORK).await? {
+            return Ok(());
         }
+        self.create_isolated_network().await
+    }
+
+    /// Creates the isolated network; fine if it exists by the time the engine refuses.
+    async fn create_isolated_network(&self) -> Result<(), BackendError> {
         let request = NetworkCreateRequest {
             name: ISOLATED_NETWORK.to_owned(),
             driver: Some("bridge".into()),
@@ -214,14 +209,36 @@ impl SwarmBackend {
                 );
                 Ok(())
             }
-            // Another manager made it meanwhile.
-            Err(error) if status_code(&error) == Some(409) => Ok(()),
+            // Another manager (or test) made it meanwhile.
+            Err(_) if self.swarm_has_network(ISOLATED_NETWORK).await? => Ok(()),
             Err(error) => Err(self.engine_error(
                 &format!(
                     "creating the isolated network `{ISOLATED_NETWORK}` (or set [swarm] network)"
                 ),
                 &error,
             )),
+        }
+    }
+
+    /// Whether `error` says the isolated network this backend attaches jobs to is gone.
+    fn lost_isolated_network(&self, error: &DockerError) -> bool {
+        self.config.network == NO_NETWORK
+            && matches!(error, DockerError::DockerResponseServerError { message, .. }
+                if message.contains(ISOLATED_NETWORK) && message.contains("not found"))
+    }
+
+    /// Whether the swarm itself has the network: asked with scope `swarm`, as the engine
+    /// may still list a network of a swarm it has left (seen after `docker swarm leave`
+    /// and `init`), which services cannot use.
+    async fn swarm_has_network(&self, name: &str) -> Result<bool, BackendError> {
+        let options = InspectNetworkOptions {
+            verbose: false,
+            scope: Some("swarm".into()),
+        };
+        match self.docker.inspect_network(name, Some(options)).await {
+            Ok(network) => Ok(network.scope.as_deref() == Some("swarm")),
+            Err(error) if status_code(&error) == Some(404) => Ok(false),
+            Err(error) => Err(self.engine_error(&format!("inspecting network `{name}`"), &error)),
         }
     }
 
@@ -480,7 +497,20 @@ impl Backend for SwarmBackend {
         self.ensure_image(&job.image).await?;
         let name = service_name(&job.job_id);
         let spec: ServiceSpec = service_spec(job, &name, &self.config);
-        let created = match self.docker.create_service(spec, None).await {
+        let mut created = self.docker.create_service(spec.clone(), None).await;
+        if let Err(error) = &created
+            && self.lost_isolated_network(error)
+        {
+            // Removed since connect (`docker network prune` removes it between jobs):
+            // make it again, once.
+            tracing::warn!(
+                network = ISOLATED_NETWORK,
+                "the jobs' network is gone; making it again"
+            );
+            self.create_isolated_network().await?;
+            created = self.docker.create_service(spec, None).await;
+        }
+        let created = match created {
             Ok(created) => created,
             Err(error) if status_code(&error) == Some(409) => {
                 return Err(BackendError::AlreadyExists(job.job_id.to_string()));
