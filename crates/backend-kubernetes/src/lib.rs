@@ -459,9 +459,7 @@ impl FollowSource {
                     Err(error) => return Some((Err(error), Follow::Done)),
                 },
                 Follow::Pods(mut pods) => {
-                    let Some(pod) = pods.pop_front() else {
-                        return None;
-                    };
+                    let pod = pods.pop_front()?;
                     match self.open(&pod).await {
                         Ok(Some(reader)) => Follow::Streaming(reader, pods),
                         Ok(None) => Follow::Pods(pods),
