@@ -11,19 +11,20 @@ use clap::Parser;
 
 use dispatch_manager::{Backend, Manager, ManagerConfig, SiteSession, server};
 
-/// The ChRIS Dispatch container manager: runs jobs on Docker, Podman, Slurm or local
-/// processes.
+/// The ChRIS Dispatch container manager: runs jobs on Docker, Podman, Swarm,
+/// Kubernetes/OpenShift, Slurm or local processes.
 ///
 /// Settings come from defaults, then `--config`, then pfcon's environment variables
 /// (CONTAINER_USER, JOB_LABELS, ENABLE_HOME_WORKAROUND, IGNORE_LIMITS, SHM_SIZE,
-/// DOCKER_HOST), then DISPATCH_MANAGER_* variables, then flags.
+/// DOCKER_HOST; for Kubernetes JOB_NAMESPACE, VOLUME_NAME, NODE_SELECTOR,
+/// IMAGE_PULL_SECRETS), then DISPATCH_MANAGER_* variables, then flags.
 ///
 /// With --coordinator-uri (or a [hub] table) it also joins a ChRIS Dispatch coordinator:
 /// once with --join-token-file, then with the credential it keeps in its state dir.
 #[derive(Parser)]
 #[command(name = "dispatch-manager", version)]
 struct Cli {
-    /// Compute backend: docker, podman, slurm or local.
+    /// Compute backend: docker, podman, swarm, kubernetes, openshift, slurm or local.
     #[arg(long)]
     backend: Option<String>,
     /// TOML configuration file (keys as in `--print-config`).
@@ -75,6 +76,18 @@ fn text(value: &str) -> toml::Value {
     toml::Value::String(value.to_owned())
 }
 
+/// A pfcon-style `k=v,k2=v2` list as a table.
+fn key_values(name: &str, list: &str) -> anyhow::Result<toml::Table> {
+    let mut table = toml::Table::new();
+    for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("{name}: `{pair}` is not key=value"))?;
+        table.insert(key.trim().to_owned(), text(value.trim()));
+    }
+    Ok(table)
+}
+
 /// pfcon's settings under pfcon's names, for a manager deployed where pfcon was.
 fn pfcon_settings(env: &BTreeMap<String, String>) -> anyhow::Result<Vec<(String, toml::Value)>> {
     let mut out = Vec::new();
@@ -88,14 +101,10 @@ fn pfcon_settings(env: &BTreeMap<String, String>) -> anyhow::Result<Vec<(String,
         out.push(("container_user".into(), text(user)));
     }
     if let Some(labels) = env.get("JOB_LABELS") {
-        let mut table = toml::Table::new();
-        for pair in labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = pair
-                .split_once('=')
-                .with_context(|| format!("JOB_LABELS: `{pair}` is not key=value"))?;
-            table.insert(key.trim().to_owned(), text(value.trim()));
-        }
-        out.push(("job_labels".into(), toml::Value::Table(table)));
+        out.push((
+            "job_labels".into(),
+            toml::Value::Table(key_values("JOB_LABELS", labels)?),
+        ));
     }
     if let Some(flag) = env.get("ENABLE_HOME_WORKAROUND") {
         out.push((
@@ -104,17 +113,46 @@ fn pfcon_settings(env: &BTreeMap<String, String>) -> anyhow::Result<Vec<(String,
         ));
     }
     if let Some(flag) = env.get("IGNORE_LIMITS") {
-        out.push((
-            "docker.ignore_limits".into(),
-            toml::Value::Boolean(truthy(flag)),
-        ));
+        for table in ["docker", "swarm"] {
+            out.push((
+                format!("{table}.ignore_limits"),
+                toml::Value::Boolean(truthy(flag)),
+            ));
+        }
     }
     if let Some(size) = env.get("SHM_SIZE") {
         let size: i64 = size
             .trim()
             .parse()
             .with_context(|| format!("SHM_SIZE: `{size}` is not a number of MiB"))?;
-        out.push(("docker.shm_size_mib".into(), toml::Value::Integer(size)));
+        for table in ["docker", "kubernetes"] {
+            out.push((format!("{table}.shm_size_mib"), toml::Value::Integer(size)));
+        }
+    }
+    // pfcon's Kubernetes settings.
+    if let Some(namespace) = env.get("JOB_NAMESPACE") {
+        out.push(("kubernetes.namespace".into(), text(namespace.trim())));
+    }
+    if let Some(volume) = env.get("VOLUME_NAME") {
+        out.push(("kubernetes.pvc_name".into(), text(volume.trim())));
+    }
+    if let Some(selector) = env.get("NODE_SELECTOR") {
+        out.push((
+            "kubernetes.node_selector".into(),
+            toml::Value::Table(key_values("NODE_SELECTOR", selector)?),
+        ));
+    }
+    if let Some(secrets) = env.get("IMAGE_PULL_SECRETS") {
+        let names = secrets
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(text)
+            .collect();
+        out.push((
+            "kubernetes.image_pull_secrets".into(),
+            toml::Value::Array(names),
+        ));
     }
     if let Some(host) = env.get("DOCKER_HOST") {
         out.push(("docker.host".into(), text(host)));
@@ -189,13 +227,62 @@ async fn backend(config: &ManagerConfig, slurm: &toml::Table) -> anyhow::Result<
         "docker" | "podman" => docker_backend(config).await,
         "local" => local_backend(config).await,
         "slurm" => slurm_backend(config, slurm).await,
-        kind @ ("swarm" | "kubernetes" | "openshift") => {
-            bail!(
-                "the {kind} backend is not part of this build yet; use docker, podman, slurm or local"
-            )
-        }
-        other => bail!("unknown backend `{other}`; use docker, podman, slurm or local"),
+        "swarm" => swarm_backend(config).await,
+        "kubernetes" | "openshift" => kubernetes_backend(config).await,
+        other => bail!(
+            "unknown backend `{other}`; use docker, podman, swarm, kubernetes, openshift, slurm or local"
+        ),
     }
+}
+
+#[cfg(feature = "swarm")]
+fn swarm_settings(config: &ManagerConfig) -> anyhow::Result<dispatch_backend_swarm::SwarmConfig> {
+    Ok(dispatch_backend_swarm::SwarmConfig::from_table(
+        config.swarm.clone(),
+    )?)
+}
+
+#[cfg(feature = "swarm")]
+async fn swarm_backend(config: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    let settings = swarm_settings(config).context("[swarm] settings")?;
+    let backend =
+        dispatch_backend_swarm::SwarmBackend::connect(&config.manager_id, settings).await?;
+    Ok(Arc::new(backend))
+}
+
+#[cfg(not(feature = "swarm"))]
+async fn swarm_backend(_: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    bail!("this dispatch-manager was built without feature `swarm`")
+}
+
+#[cfg(feature = "kubernetes")]
+fn kubernetes_settings(
+    config: &ManagerConfig,
+) -> anyhow::Result<dispatch_backend_kubernetes::KubernetesConfig> {
+    let mut table = config.kubernetes.clone();
+    if config.backend == "openshift" && !table.contains_key("openshift") {
+        table.insert("openshift".into(), toml::Value::Boolean(true));
+    }
+    Ok(dispatch_backend_kubernetes::KubernetesConfig::from_table(
+        table,
+    )?)
+}
+
+#[cfg(feature = "kubernetes")]
+async fn kubernetes_backend(config: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    let settings = kubernetes_settings(config).context("[kubernetes] settings")?;
+    let backend = dispatch_backend_kubernetes::KubernetesBackend::connect(
+        &config.manager_id,
+        &config.store_root,
+        settings,
+    )
+    .await?;
+    Ok(Arc::new(backend))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn kubernetes_backend(_: &ManagerConfig) -> anyhow::Result<Arc<dyn Backend>> {
+    bail!("this dispatch-manager was built without feature `kubernetes`")
 }
 
 /// The slurm backend's settings: the configuration's `[slurm]` table, with the keys of the
@@ -309,6 +396,10 @@ fn check_backend_settings(config: &ManagerConfig, slurm: &toml::Table) -> anyhow
     }
     #[cfg(feature = "slurm")]
     slurm_settings(config, slurm).context("[slurm] settings")?;
+    #[cfg(feature = "swarm")]
+    swarm_settings(config).context("[swarm] settings")?;
+    #[cfg(feature = "kubernetes")]
+    kubernetes_settings(config).context("[kubernetes] settings")?;
     #[cfg(not(feature = "slurm"))]
     let _ = slurm;
     Ok(())
