@@ -65,3 +65,9 @@ echo "deploy/broker.example.toml loads"
 echo "deploy/manager.example.toml loads"
 ./target/debug/dispatch-coordinator --config deploy/coordinator.example.toml --print-config > /dev/null
 echo "deploy/coordinator.example.toml loads"
+if ! command -v docker-compose >/dev/null 2>&1; then
+    echo "installing docker-compose (apt-get) to check deploy/compose"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+fi
+docker-compose --env-file deploy/compose/site.env.example -f deploy/compose/compose.yaml config -q
+echo "deploy/compose/compose.yaml parses"
