@@ -1,5 +1,6 @@
-//! `deploy/kubernetes/` stays in step with the backend: the ConfigMap's backend table is
-//! one `KubernetesConfig` accepts, and the Role grants the verbs the backend uses.
+//! `deploy/kubernetes/` stays in step with the backend: the ConfigMap's `manager.toml` is
+//! one the manager's config type and `KubernetesConfig` accept, and the Role grants the
+//! verbs the backend uses.
 //! (Checked as text: no cluster, and no YAML parser is worth a dependency here.)
 
 use anyhow::{Context, Result, ensure};
@@ -26,15 +27,18 @@ fn block(yaml: &str, key: &str) -> Option<String> {
 }
 
 #[test]
-fn the_configmaps_backend_table_is_accepted() -> Result<()> {
+fn the_configmaps_manager_config_is_accepted() -> Result<()> {
     let yaml = deploy_file("configmap.yaml")?;
-    let text = block(&yaml, "kubernetes.toml").context("no kubernetes.toml in the ConfigMap")?;
-    let table: toml::Table = toml::from_str(&text)?;
-    let config = KubernetesConfig::from_table(table)?;
+    let text = block(&yaml, "manager.toml").context("no manager.toml in the ConfigMap")?;
+    let manager: dispatch_manager::ManagerConfig = toml::from_str(&text).context("manager.toml")?;
+    ensure!(
+        manager.backend == "kubernetes",
+        "backend {}",
+        manager.backend
+    );
+    let config = KubernetesConfig::from_table(manager.kubernetes.clone())?;
     config.check()?;
     ensure!(config.pvc_name == "storebase");
-    let manager = block(&yaml, "manager.toml").context("no manager.toml")?;
-    ensure!(manager.contains("backend = \"kubernetes\""));
     Ok(())
 }
 
