@@ -263,9 +263,9 @@ fn kubernetes_settings(
     if config.backend == "openshift" && !table.contains_key("openshift") {
         table.insert("openshift".into(), toml::Value::Boolean(true));
     }
-    Ok(dispatch_backend_kubernetes::KubernetesConfig::from_table(
-        table,
-    )?)
+    let settings = dispatch_backend_kubernetes::KubernetesConfig::from_table(table)?;
+    settings.check()?;
+    Ok(settings)
 }
 
 #[cfg(feature = "kubernetes")]
