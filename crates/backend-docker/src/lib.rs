@@ -13,6 +13,7 @@
 
 mod compat;
 mod config;
+pub mod engine;
 mod observe;
 mod spec;
 
@@ -24,8 +25,8 @@ use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::ContainerInspectResponse;
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptions, KillContainerOptions,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, KillContainerOptions, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use dispatch_manager::backend::{BackendCapabilities, LogStream, labels};
 use dispatch_manager::{Backend, BackendError, JobRequest, Observed};
@@ -34,10 +35,11 @@ use dispatch_proto::v1::JobState;
 use futures::{StreamExt, TryStreamExt};
 
 pub use crate::config::{DEFAULT_HOST, DockerConfig, EngineKind, PullPolicy};
+use crate::engine::{ImagePolicy, describe, status_code};
 // Docker API helpers the swarm backend (same engine API) shares.
 pub use crate::observe::parse_time;
 use crate::observe::{container_name, is_owned, observe};
-pub use crate::spec::pull_reference;
+
 use crate::spec::{HostLimits, check_request, container_body, is_container_name};
 
 /// How long connecting (and negotiating the API version) may take.
@@ -145,23 +147,7 @@ impl DockerBackend {
 
     /// A bollard error as a [`BackendError`], saying what was being done.
     fn engine_error(&self, action: &str, error: &DockerError) -> BackendError {
-        match error {
-            DockerError::DockerResponseServerError {
-                status_code,
-                message,
-            } => BackendError::Engine(format!(
-                "{action}: the engine answered {status_code}: {message}"
-            )),
-            DockerError::RequestTimeoutError => BackendError::Engine(format!(
-                "{action}: the engine at {} did not answer in time",
-                self.host
-            )),
-            other => BackendError::Engine(format!(
-                "{action}: cannot talk to the engine at {}: {}",
-                self.host,
-                describe(other)
-            )),
-        }
+        engine::engine_error(&self.host, action, error)
     }
 
     fn was_killed_by_us(&self, name: &str) -> bool {
@@ -239,64 +225,12 @@ impl DockerBackend {
     /// Makes sure the engine has `image`, pulling it as the pull policy allows, within the
     /// pull timeout.
     async fn ensure_image(&self, image: &str) -> Result<(), BackendError> {
-        if !is_image_reference(image) {
-            return Err(BackendError::ImageNotFound {
-                image: image.to_owned(),
-                reason: "not a valid image reference".into(),
-            });
-        }
-        if self.config.pull_policy != PullPolicy::Always {
-            match self.docker.inspect_image(image).await {
-                Ok(_) => return Ok(()),
-                Err(error) if status_code(&error) == Some(404) => {}
-                Err(error) => {
-                    return Err(self.engine_error(&format!("inspecting image `{image}`"), &error));
-                }
-            }
-            if self.config.pull_policy == PullPolicy::Never {
-                return Err(BackendError::ImageNotFound {
-                    image: image.to_owned(),
-                    reason: "the engine does not have it, and [docker] pull_policy is `never`"
-                        .into(),
-                });
-            }
-        }
-        self.pull(image).await
-    }
-
-    async fn pull(&self, image: &str) -> Result<(), BackendError> {
-        let (from_image, tag) = pull_reference(image);
-        let options = CreateImageOptions {
-            from_image: Some(from_image),
-            tag,
-            ..CreateImageOptions::default()
+        let policy = ImagePolicy {
+            pull: self.config.pull_policy,
+            timeout: Duration::from_secs(self.config.pull_timeout_seconds),
+            table: "docker",
         };
-        let timeout = Duration::from_secs(self.config.pull_timeout_seconds);
-        tracing::info!(image, timeout_seconds = timeout.as_secs(), "pulling image");
-        // Dropping the stream closes the request, which makes the engine cancel the pull.
-        let pull = self
-            .docker
-            .create_image(Some(options), None, None)
-            .try_for_each(|_| async { Ok(()) });
-        let not_found = |reason: String| BackendError::ImageNotFound {
-            image: image.to_owned(),
-            reason,
-        };
-        match tokio::time::timeout(timeout, pull).await {
-            Ok(Ok(())) => Ok(()),
-            Err(_) => Err(not_found(format!(
-                "the pull did not finish within {} s ([docker] pull_timeout_seconds)",
-                timeout.as_secs()
-            ))),
-            // The engine answered: the registry or the image is not to be had.
-            Ok(Err(DockerError::DockerResponseServerError { message, .. })) => {
-                Err(not_found(format!("pull failed: {message}")))
-            }
-            Ok(Err(DockerError::DockerStreamError { error })) => {
-                Err(not_found(format!("pull failed: {error}")))
-            }
-            Ok(Err(error)) => Err(self.engine_error(&format!("pulling image `{image}`"), &error)),
-        }
+        engine::ensure_image(&self.docker, &self.host, image, policy).await
     }
 
     /// After a failed start: the container's own state says what happened if it can
@@ -529,14 +463,6 @@ fn kind_name(kind: EngineKind) -> &'static str {
     }
 }
 
-/// The HTTP status the engine answered with, if it answered.
-fn status_code(error: &DockerError) -> Option<u16> {
-    match error {
-        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    }
-}
-
 fn server_message(error: &DockerError) -> String {
     match error {
         DockerError::DockerResponseServerError { message, .. } => message.clone(),
@@ -544,26 +470,10 @@ fn server_message(error: &DockerError) -> String {
     }
 }
 
-/// An error with its chain of causes: hyper's own message ("client error (Connect)") says
-/// little without them.
-fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// Whether `image` can only be an image reference: the characters of
 /// `[registry[:port]/]name[:tag][@digest]` and no empty, `.` or `..` path component, so it
 /// cannot change the engine URL it goes in.
-pub fn is_image_reference(image: &str) -> bool {
+pub(crate) fn is_image_reference(image: &str) -> bool {
     image
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'))

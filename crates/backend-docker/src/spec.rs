@@ -215,7 +215,7 @@ fn bind(source: &std::path::Path, target: &str, read_only: bool) -> Mount {
 /// The `fromImage` and `tag` of a pull of `image`. A reference without tag or digest
 /// means `latest`, as the docker CLI reads it: sent bare, the engine would pull every tag
 /// of the repository.
-pub fn pull_reference(image: &str) -> (String, Option<String>) {
+pub(crate) fn pull_reference(image: &str) -> (String, Option<String>) {
     let last_component = image.rsplit('/').next().unwrap_or(image);
     if image.contains('@') || last_component.contains(':') {
         (image.to_owned(), None)

@@ -7,7 +7,6 @@
 mod fake;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -16,9 +15,9 @@ use dispatch_backend_kubernetes::names::label_value;
 use dispatch_backend_kubernetes::{KubernetesBackend, KubernetesConfig};
 use dispatch_manager::ManagerConfig;
 use dispatch_manager::backend::labels;
-use dispatch_testkit::TestDir;
 use dispatch_testkit::conformance::{self, Harness, ObservedLimits, RunningManager};
 use dispatch_testkit::images::{Engine, ensure_test_image_async};
+use dispatch_testkit::{TestDir, engine_cli};
 
 use fake::FakeApiServer;
 
@@ -77,38 +76,16 @@ impl KubernetesHarness {
         }
     }
 
-    fn docker(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("docker")
-            .args(args)
-            .output()
-            .context("cannot run the docker CLI")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "docker {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
     /// The fake kubelet's containers for the job: `id name status` each.
     fn containers(&self, job_id: &str) -> Result<Vec<String>> {
-        let job = format!("label={}={}", labels::JOB_ID, label_value(job_id));
-        let kubelet = format!(
-            "label={}={}",
-            labels::MANAGER_ID,
-            self.server.cluster().kubelet.kubelet_id()
-        );
-        let listed = self.docker(&[
-            "ps",
-            "-a",
-            "--filter",
-            &job,
-            "--filter",
-            &kubelet,
-            "--format",
-            "{{.ID}} {{.Names}} {{.Status}}",
-        ])?;
-        Ok(listed.lines().map(str::to_owned).collect())
+        let kubelet = self.server.cluster().kubelet.kubelet_id();
+        engine_cli::labelled_containers(
+            Engine::Docker,
+            &[
+                (labels::JOB_ID, &label_value(job_id)),
+                (labels::MANAGER_ID, kubelet),
+            ],
+        )
     }
 }
 
@@ -144,24 +121,7 @@ impl Harness for KubernetesHarness {
     /// applies them (`docker inspect`): the Job spec as stored by the fake API server
     /// went through the kubelet to the engine.
     async fn limits(&self, job_id: &str) -> Result<ObservedLimits> {
-        let containers = self.containers(job_id)?;
-        let id = containers
-            .first()
-            .and_then(|line| line.split(' ').next())
-            .context("no container for the job")?;
-        let out = self.docker(&[
-            "inspect",
-            "--format",
-            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
-            id,
-        ])?;
-        let mut parts = out.split_whitespace();
-        let nano: u64 = parts.next().context("no NanoCpus")?.parse()?;
-        let memory: u64 = parts.next().context("no Memory")?.parse()?;
-        Ok(ObservedLimits {
-            cpu_millicores: u32::try_from(nano / 1_000_000)?,
-            memory_mib: memory >> 20,
-        })
+        engine_cli::container_limits(Engine::Docker, &self.containers(job_id)?)
     }
 
     async fn leftovers(&self, job_id: &str) -> Result<Vec<String>> {

@@ -8,13 +8,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use dispatch_backend_slurm::Runtime;
 use dispatch_manager::ManagerConfig;
 use dispatch_manager::backend::labels;
-use dispatch_testkit::TestDir;
 use dispatch_testkit::conformance::{self, Harness, ObservedLimits, RunningManager};
 use dispatch_testkit::images::{Engine, ensure_test_image_async};
+use dispatch_testkit::{TestDir, engine_cli};
 
 /// The uid:gid jobs run as: not the engine's, not root, so ownership is really checked.
 const USER: (u32, u32) = (4321, 4322);
@@ -43,21 +43,15 @@ impl SlurmHarness {
         self.config.state_dir.join("slurm")
     }
 
-    /// The job's containers (`id status`), by the labels the batch script gives them.
+    /// The job's containers (`id name status`), by the labels the batch script gives them.
     fn containers(&self, job_id: &str) -> Result<Vec<String>> {
-        let job = format!("label={}={job_id}", labels::JOB_ID);
-        let manager = format!("label={}={}", labels::MANAGER_ID, self.config.manager_id);
-        let listed = common::docker(&[
-            "ps",
-            "-a",
-            "--filter",
-            &job,
-            "--filter",
-            &manager,
-            "--format",
-            "{{.ID}} {{.Status}}",
-        ])?;
-        Ok(listed.lines().map(str::to_owned).collect())
+        engine_cli::labelled_containers(
+            Engine::Docker,
+            &[
+                (labels::JOB_ID, job_id),
+                (labels::MANAGER_ID, &self.config.manager_id),
+            ],
+        )
     }
 }
 
@@ -89,10 +83,10 @@ impl Harness for SlurmHarness {
     /// `slurm.rs` checks those); the container appears a moment after Slurm starts the job.
     async fn limits(&self, job_id: &str) -> Result<ObservedLimits> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let id = loop {
+        let containers = loop {
             let containers = self.containers(job_id)?;
-            if let Some(id) = containers.first().and_then(|line| line.split(' ').next()) {
-                break id.to_owned();
+            if !containers.is_empty() {
+                break containers;
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
@@ -100,23 +94,9 @@ impl Harness for SlurmHarness {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let out = common::docker(&[
-            "inspect",
-            "--format",
-            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
-            &id,
-        ])?;
-        let mut parts = out.split_whitespace();
-        let nano: u64 = parts.next().context("no NanoCpus")?.parse()?;
-        let memory: u64 = parts.next().context("no Memory")?.parse()?;
-        Ok(ObservedLimits {
-            cpu_millicores: (nano / 1_000_000) as u32,
-            memory_mib: memory >> 20,
-        })
+        engine_cli::container_limits(Engine::Docker, &containers)
     }
 
-    /// Slurm jobs that have not ended, the job's directory, and its containers. (Slurm
-    /// itself keeps a line for an ended job for `MinJobAge` seconds, which nobody removes.)
     async fn leftovers(&self, job_id: &str) -> Result<Vec<String>> {
         let mut left = common::active_slurm_jobs(&self.config.manager_id, job_id)?
             .into_iter()

@@ -34,11 +34,11 @@ use bollard::models::{
     NodeState, Service, ServiceSpec, Task,
 };
 use bollard::query_parameters::{
-    CreateImageOptions, InspectNetworkOptions, KillContainerOptions, ListServicesOptionsBuilder,
+    InspectNetworkOptions, KillContainerOptions, ListServicesOptionsBuilder,
     ListTasksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use bytes::Bytes;
-use dispatch_backend_docker::{PullPolicy, is_image_reference, pull_reference};
+use dispatch_backend_docker::engine::{self, ImagePolicy, describe, status_code};
 use dispatch_manager::backend::{BackendCapabilities, LogStream, labels};
 use dispatch_manager::{Backend, BackendError, JobRequest, Observed};
 use dispatch_proto::job::{BackendKind, CpuMillis, JobId, MemoryMib};
@@ -244,23 +244,7 @@ impl SwarmBackend {
 
     /// A bollard error as a [`BackendError`], saying what was being done.
     fn engine_error(&self, action: &str, error: &DockerError) -> BackendError {
-        match error {
-            DockerError::DockerResponseServerError {
-                status_code,
-                message,
-            } => BackendError::Engine(format!(
-                "{action}: the engine answered {status_code}: {message}"
-            )),
-            DockerError::RequestTimeoutError => BackendError::Engine(format!(
-                "{action}: the engine at {} did not answer in time",
-                self.host
-            )),
-            other => BackendError::Engine(format!(
-                "{action}: cannot talk to the engine at {}: {}",
-                self.host,
-                describe(other)
-            )),
-        }
+        engine::engine_error(&self.host, action, error)
     }
 
     fn was_killed_by_us(&self, service_id: &str) -> bool {
@@ -345,69 +329,16 @@ impl SwarmBackend {
         ))
     }
 
-    /// Makes sure the engine has `image`, pulling it as the pull policy allows, within the
-    /// pull timeout. An image the engine has is used without asking any registry.
+    /// Makes sure the manager node's engine has `image`, pulling it as the pull policy
+    /// allows, within the pull timeout. An image the engine has is used without asking any
+    /// registry; other nodes pull for themselves.
     async fn ensure_image(&self, image: &str) -> Result<(), BackendError> {
-        if !is_image_reference(image) {
-            return Err(BackendError::ImageNotFound {
-                image: image.to_owned(),
-                reason: "not a valid image reference".into(),
-            });
-        }
-        if self.config.pull_policy != PullPolicy::Always {
-            match self.docker.inspect_image(image).await {
-                Ok(_) => return Ok(()),
-                Err(error) if status_code(&error) == Some(404) => {}
-                Err(error) => {
-                    return Err(self.engine_error(&format!("inspecting image `{image}`"), &error));
-                }
-            }
-            if self.config.pull_policy == PullPolicy::Never {
-                return Err(BackendError::ImageNotFound {
-                    image: image.to_owned(),
-                    reason: format!(
-                        "the swarm manager's engine at {} does not have it, and [swarm] \
-                         pull_policy is `never`",
-                        self.host
-                    ),
-                });
-            }
-        }
-        self.pull(image).await
-    }
-
-    async fn pull(&self, image: &str) -> Result<(), BackendError> {
-        let (from_image, tag) = pull_reference(image);
-        let options = CreateImageOptions {
-            from_image: Some(from_image),
-            tag,
-            ..CreateImageOptions::default()
+        let policy = ImagePolicy {
+            pull: self.config.pull_policy,
+            timeout: Duration::from_secs(self.config.pull_timeout_seconds),
+            table: "swarm",
         };
-        let timeout = Duration::from_secs(self.config.pull_timeout_seconds);
-        tracing::info!(image, timeout_seconds = timeout.as_secs(), "pulling image");
-        // Dropping the stream closes the request, which makes the engine cancel the pull.
-        let pull = self
-            .docker
-            .create_image(Some(options), None, None)
-            .try_for_each(|_| async { Ok(()) });
-        let not_found = |reason: String| BackendError::ImageNotFound {
-            image: image.to_owned(),
-            reason,
-        };
-        match tokio::time::timeout(timeout, pull).await {
-            Ok(Ok(())) => Ok(()),
-            Err(_) => Err(not_found(format!(
-                "the pull did not finish within {} s ([swarm] pull_timeout_seconds)",
-                timeout.as_secs()
-            ))),
-            Ok(Err(DockerError::DockerResponseServerError { message, .. })) => {
-                Err(not_found(format!("pull failed: {message}")))
-            }
-            Ok(Err(DockerError::DockerStreamError { error })) => {
-                Err(not_found(format!("pull failed: {error}")))
-            }
-            Ok(Err(error)) => Err(self.engine_error(&format!("pulling image `{image}`"), &error)),
-        }
+        engine::ensure_image(&self.docker, &self.host, image, policy).await
     }
 
     /// The current task of a service once it has a container or has ended, waiting up to
@@ -783,30 +714,6 @@ fn follow_until(logs: LogItems, ended: Ended) -> impl Stream<Item = Result<Bytes
 /// The stream's next item, or `None` when it ends or pauses for `idle`.
 async fn next_within(logs: &mut LogItems, idle: Duration) -> Option<Result<Bytes, BackendError>> {
     tokio::time::timeout(idle, logs.next()).await.ok().flatten()
-}
-
-/// The HTTP status the engine answered with, if it answered.
-fn status_code(error: &DockerError) -> Option<u16> {
-    match error {
-        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    }
-}
-
-/// An error with its chain of causes: hyper's own message ("client error (Connect)") says
-/// little without them.
-fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

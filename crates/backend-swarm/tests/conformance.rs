@@ -3,16 +3,15 @@
 //! makes it a swarm manager; a missing engine or swarm fails these tests).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use dispatch_backend_swarm::{SwarmBackend, SwarmConfig};
 use dispatch_manager::ManagerConfig;
 use dispatch_manager::backend::labels;
-use dispatch_testkit::TestDir;
 use dispatch_testkit::conformance::{self, Harness, ObservedLimits, RunningManager};
 use dispatch_testkit::images::{Engine, ensure_test_image_async};
+use dispatch_testkit::{TestDir, engine_cli};
 
 /// The uid:gid jobs run as: not the engine's, not root, so ownership is really checked.
 const USER: (u32, u32) = (4321, 4322);
@@ -58,11 +57,13 @@ impl SwarmHarness {
 
     /// The job's task containers on this engine, as `id name status` lines.
     fn containers(&self, job_id: &str) -> Result<Vec<String>> {
-        let mut args = vec!["ps".to_owned(), "-a".into()];
-        args.extend(self.filters(job_id));
-        args.extend(["--format".into(), "{{.ID}} {{.Names}} {{.Status}}".into()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Ok(docker(&args)?.lines().map(str::to_owned).collect())
+        engine_cli::labelled_containers(
+            Engine::Docker,
+            &[
+                (labels::JOB_ID, job_id),
+                (labels::MANAGER_ID, &self.config.manager_id),
+            ],
+        )
     }
 
     /// The job's services, as `service id name` lines.
@@ -77,16 +78,7 @@ impl SwarmHarness {
 
 /// Runs the docker CLI: the engine's own account, independent of the backend's code.
 fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .context("cannot run the docker CLI")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    engine_cli::run(Engine::Docker, args)
 }
 
 #[async_trait::async_trait]
@@ -116,24 +108,7 @@ impl Harness for SwarmHarness {
 
     /// What the engine applied to the task's container (not what the service asks for).
     async fn limits(&self, job_id: &str) -> Result<ObservedLimits> {
-        let containers = self.containers(job_id)?;
-        let id = containers
-            .first()
-            .and_then(|line| line.split(' ').next())
-            .context("no container for the job")?;
-        let out = docker(&[
-            "inspect",
-            "--format",
-            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
-            id,
-        ])?;
-        let mut parts = out.split_whitespace();
-        let nano: u64 = parts.next().context("no NanoCpus")?.parse()?;
-        let memory: u64 = parts.next().context("no Memory")?.parse()?;
-        Ok(ObservedLimits {
-            cpu_millicores: u32::try_from(nano / 1_000_000)?,
-            memory_mib: memory >> 20,
-        })
+        engine_cli::container_limits(Engine::Docker, &self.containers(job_id)?)
     }
 
     async fn leftovers(&self, job_id: &str) -> Result<Vec<String>> {

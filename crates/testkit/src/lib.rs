@@ -6,6 +6,7 @@
 //! `RETAIN_TMP=1` keeps every temporary directory a test made (and the logs in it).
 
 pub mod conformance;
+pub mod engine_cli;
 pub mod fake_coordinator;
 pub mod images;
 

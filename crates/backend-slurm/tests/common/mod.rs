@@ -85,16 +85,7 @@ pub fn scontrol_job(slurm_id: &str) -> Result<std::collections::HashMap<String, 
 
 /// Runs the docker CLI and returns its stdout.
 pub fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .context("cannot run the docker CLI")?;
-    ensure!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    dispatch_testkit::engine_cli::run(dispatch_testkit::images::Engine::Docker, args)
 }
 
 /// A partition of its own on the test node in which at most `cpus` CPUs are used at once,
