@@ -101,8 +101,14 @@ if answers; then
     say "podman system service answers at unix://$SOCKET, reusing it"
 else
     rm -f "$SOCKET"
-    nohup podman system service --time=0 "unix://$SOCKET" >>"$STATE/service.log" 2>&1 </dev/null &
-    echo $! > "$STATE/service.pid"
+    # Started in its state dir: conmon leaves files (`oom` after an OOM kill) in the
+    # service's working directory.
+    (
+        cd "$STATE" || exit 1
+        nohup podman system service --time=0 "unix://$SOCKET" \
+            >>"$STATE/service.log" 2>&1 </dev/null &
+        echo $! > "$STATE/service.pid"
+    )
     for _ in $(seq 1 30); do
         answers && break
         alive "$(cat "$STATE/service.pid")" || unavailable "podman system service exited: $(tail -n 1 "$STATE/service.log")"
