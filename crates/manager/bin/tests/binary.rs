@@ -171,13 +171,32 @@ fn refuses_to_start_with_a_clear_reason() -> Result<()> {
     let dir = TestDir::new("manager-refusals")?;
     std::fs::create_dir_all(dir.join("store"))?;
     std::fs::write(dir.join("token"), TOKEN)?;
-    let cases: [(&[&str], &str); 2] = [
-        (&["--backend", "swarm"], "not part of this build yet"),
-        (&["--backend", "mainframe"], "unknown backend `mainframe`"),
+    // Each backend that cannot reach its engine says which engine, and how to point at
+    // another; none of them starts serving regardless.
+    let cases: [(&[&str], &[(&str, &str)], &str); 3] = [
+        (
+            &["--backend", "swarm"],
+            &[(
+                "DISPATCH_MANAGER_SWARM__HOST",
+                "unix:///nonexistent/engine.sock",
+            )],
+            "unix:///nonexistent/engine.sock",
+        ),
+        (
+            &["--backend", "kubernetes"],
+            &[("KUBECONFIG", "/nonexistent/kubeconfig")],
+            "/nonexistent/kubeconfig",
+        ),
+        (
+            &["--backend", "mainframe"],
+            &[],
+            "unknown backend `mainframe`",
+        ),
     ];
-    for (args, says) in cases {
+    for (args, env, says) in cases {
         let mut command = command(&dir);
-        let output = command.args(args).output()?;
+        command.args(args).envs(env.iter().copied());
+        let output = command.output()?;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{args:?} started");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
