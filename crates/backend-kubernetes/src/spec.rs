@@ -498,6 +498,20 @@ mod tests {
             Some("key-chris-jid-42/incoming")
         );
 
+        // pfcon's test_plugin_job_kubernetes_pvc_sub_path: in fslink mode a plugin reads
+        // `key-<jid>/incoming` and writes straight into the user's output dir.
+        let mut fslink = request();
+        fslink.outgoing = PathBuf::from("/store/home/bob/feeds/21/pl-copy_21/data");
+        let mounts = pod_mounts(&manifest(&fslink, &KubernetesConfig::default()));
+        assert_eq!(
+            mounts[0].sub_path.as_deref(),
+            Some("key-chris-jid-42/incoming")
+        );
+        assert_eq!(
+            mounts[1].sub_path.as_deref(),
+            Some("home/bob/feeds/21/pl-copy_21/data")
+        );
+
         // No inputs: one mount.
         let mut no_inputs = request();
         no_inputs.incoming = None;

@@ -15,7 +15,8 @@ use dispatch_coordinator::{CoordinatorConfig, server};
 /// Settings come from defaults, then `--config`, then DISPATCH_COORDINATOR_* variables,
 /// then pfcon's variables for its REST API (PFCON_USER, PFCON_PASSWORD, SECRET_KEY,
 /// PFCON_INNETWORK, STORAGE_ENV, STOREBASE_MOUNT, CONTAINER_ENV, COMPUTE_VOLUME_TYPE,
-/// JOB_LOGS_TAIL, REMOVE_JOBS; PFCON_LEGACY_API for pfcon 5's `jobs/` API), then flags.
+/// VOLUME_NAME, JOB_LOGS_TAIL, REMOVE_JOBS; PFCON_LEGACY_API for pfcon 5's `jobs/` API),
+/// then flags.
 #[derive(Parser)]
 #[command(name = "dispatch-coordinator", version)]
 struct Cli {
@@ -94,6 +95,7 @@ fn pfcon_settings(env: &BTreeMap<String, String>) -> anyhow::Result<Vec<(String,
         ("STOREBASE_MOUNT", "pfcon.storebase"),
         ("CONTAINER_ENV", "pfcon.container_env"),
         ("COMPUTE_VOLUME_TYPE", "pfcon.compute_volume_type"),
+        ("VOLUME_NAME", "pfcon.volume_name"),
     ] {
         if let Some(value) = env.get(name) {
             out.push((key.to_owned(), text(value)));

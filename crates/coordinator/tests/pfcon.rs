@@ -1032,3 +1032,52 @@ async fn copy_jobs_that_failed_or_were_cut_off_run_again() -> Result<()> {
     assert_eq!(status, 404, "no job was made");
     hub.stop().await
 }
+
+/// pfcon's `test_rejected_when_copy_running`: a delete job is refused while its copy runs,
+/// and the message names the copy and its status. The copy gathers 20,000 files, so it is
+/// still running when the delete comes a moment after it was posted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_waits_for_a_running_copy() -> Result<()> {
+    let hub = Hub::start_with("pfcon-copy-running", |pfcon| {
+        pfcon.innetwork = true;
+        pfcon.storage_env = "fslink".into();
+    })
+    .await?;
+    let many = hub.storebase.join("home/bob/many");
+    for group in 0..100 {
+        let dir = many.join(format!("g{group:03}"));
+        std::fs::create_dir_all(&dir)?;
+        for file in 0..200 {
+            std::fs::write(
+                dir.join(format!("f{file:03}.txt")),
+                format!("{group}/{file}\n"),
+            )?;
+        }
+    }
+    let jid = "chris-jid-24";
+    let (status, body) = hub.post_form(
+        "copyjobs/",
+        &[
+            ("jid", jid),
+            ("input_dirs", "home/bob/many"),
+            ("output_dir", "home/bob/feeds/24/pl-x_24/data"),
+        ],
+    )?;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = hub.post_form("deletejobs/", &[("jid", jid)])?;
+    assert_eq!(
+        status, 409,
+        "the copy was over before the delete came: {body}"
+    );
+    assert_eq!(
+        body["message"],
+        "The copy job is still active (status: started). All jobs must finish before scheduling a delete job."
+    );
+    let copied = wait_copy(&hub, jid)?;
+    assert_eq!(copied["status"], "finishedSuccessfully", "{copied}");
+    // Once the copy is over, the delete goes ahead and the job's data is gone.
+    let (status, body) = hub.post_form("deletejobs/", &[("jid", jid)])?;
+    assert_eq!(status, 201, "{body}");
+    assert!(!hub.storebase.join(format!("key-{jid}")).exists());
+    hub.stop().await
+}

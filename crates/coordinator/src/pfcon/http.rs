@@ -334,7 +334,7 @@ async fn server_info(State(face): State<Arc<Face>>, headers: HeaderMap) -> Respo
         "requires_copy_job": face.storage.requires_copy_job(),
         "requires_upload_job": false,
         "container_env": face.config.container_env,
-        "compute_volume_type": face.config.compute_volume_type,
+        "compute_volume_type": face.config.volume_type(),
     }))
     .into_response()
 }
@@ -792,7 +792,7 @@ async fn legacy_server_info(State(face): State<Arc<Face>>, headers: HeaderMap) -
         "pfcon_innetwork": face.config.innetwork,
         "storage_env": face.storage.as_str(),
         "container_env": face.config.container_env,
-        "compute_volume_type": face.config.compute_volume_type,
+        "compute_volume_type": face.config.volume_type(),
     }))
     .into_response()
 }

@@ -58,8 +58,14 @@ pub struct PfconConfig {
     pub legacy_api: bool,
     /// What server info reports as `container_env` (`CONTAINER_ENV`).
     pub container_env: String,
-    /// What server info reports as `compute_volume_type` (`COMPUTE_VOLUME_TYPE`).
+    /// What server info reports as `compute_volume_type` (`COMPUTE_VOLUME_TYPE`): one the
+    /// container env allows (docker and podman: `host` or `docker_local_volume`; swarm:
+    /// `host`; kubernetes and openshift: `kubernetes_pvc`); empty: the env's default.
     pub compute_volume_type: String,
+    /// The PVC holding storeBase (`VOLUME_NAME`), required with `kubernetes_pvc`, as pfcon
+    /// requires it. The Kubernetes sites' own `[kubernetes] pvc_name` is what their jobs
+    /// mount.
+    pub volume_name: String,
 }
 
 impl Default for PfconConfig {
@@ -76,7 +82,8 @@ impl Default for PfconConfig {
             remove_jobs: true,
             legacy_api: false,
             container_env: "docker".into(),
-            compute_volume_type: "host".into(),
+            compute_volume_type: String::new(),
+            volume_name: String::new(),
         }
     }
 }
@@ -173,14 +180,48 @@ impl PfconConfig {
             )));
         }
         self.storage()?;
-        if !matches!(
-            self.container_env.as_str(),
-            "docker" | "podman" | "swarm" | "kubernetes" | "openshift"
-        ) {
+        self.check_volume_type()
+    }
+
+    /// The volume types `CONTAINER_ENV` allows, its default first (pfcon's own table, but
+    /// `host` first for docker: the hub's storeBase is a host directory).
+    fn allowed_volume_types(&self) -> Result<&'static [&'static str]> {
+        match self.container_env.as_str() {
+            "docker" | "podman" => Ok(&["host", "docker_local_volume"]),
+            "swarm" => Ok(&["host"]),
+            "kubernetes" | "openshift" => Ok(&["kubernetes_pvc"]),
+            other => Err(Error::Config(format!(
+                "pfcon: CONTAINER_ENV `{other}` is not one of docker, podman, swarm, kubernetes, openshift"
+            ))),
+        }
+    }
+
+    /// `COMPUTE_VOLUME_TYPE`, or the container env's default when it is unset.
+    pub fn volume_type(&self) -> &str {
+        if !self.compute_volume_type.is_empty() {
+            return &self.compute_volume_type;
+        }
+        self.allowed_volume_types()
+            .ok()
+            .and_then(|allowed| allowed.first().copied())
+            .unwrap_or("host")
+    }
+
+    /// pfcon's fail-fast check of the container env, the volume type and `VOLUME_NAME`.
+    fn check_volume_type(&self) -> Result<()> {
+        let allowed = self.allowed_volume_types()?;
+        let volume_type = self.volume_type();
+        if !allowed.contains(&volume_type) {
             return Err(Error::Config(format!(
-                "pfcon: CONTAINER_ENV `{}` is not one of docker, podman, swarm, kubernetes, openshift",
-                self.container_env
+                "pfcon: COMPUTE_VOLUME_TYPE `{volume_type}` cannot be used with CONTAINER_ENV={}; use {}",
+                self.container_env,
+                allowed.join(" or ")
             )));
+        }
+        if volume_type == "kubernetes_pvc" && self.volume_name.trim().is_empty() {
+            return Err(Error::Config(
+                "pfcon: VOLUME_NAME must name the storeBase PVC when COMPUTE_VOLUME_TYPE is kubernetes_pvc".into(),
+            ));
         }
         Ok(())
     }
@@ -268,5 +309,52 @@ mod tests {
         .map(|e| e.to_string())
         .unwrap_or_default();
         assert!(error.contains("PFCON_PASSWORD"), "{error}");
+    }
+
+    /// pfcon's TestConfigValidation, case by case.
+    #[test]
+    fn container_env_and_volume_type_are_checked_together() {
+        let with = |container_env: &str, volume_type: &str, volume_name: &str| PfconConfig {
+            container_env: container_env.into(),
+            compute_volume_type: volume_type.into(),
+            volume_name: volume_name.into(),
+            ..on()
+        };
+        let refusal = |config: PfconConfig| {
+            config
+                .check()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        // Kubernetes without VOLUME_NAME: refused, naming it and the volume type.
+        let error = refusal(with("kubernetes", "", ""));
+        assert!(
+            error.contains("VOLUME_NAME") && error.contains("kubernetes_pvc"),
+            "{error}"
+        );
+        // Kubernetes defaults to kubernetes_pvc, and starts with a volume name.
+        let config = with("kubernetes", "", "storebase");
+        assert_eq!(config.volume_type(), "kubernetes_pvc");
+        assert!(config.check().is_ok());
+        assert!(
+            with("openshift", "kubernetes_pvc", "storebase")
+                .check()
+                .is_ok()
+        );
+        // Kubernetes with a host volume, swarm with a PVC: refused, naming both settings.
+        for (env, volume) in [("kubernetes", "host"), ("swarm", "kubernetes_pvc")] {
+            let error = refusal(with(env, volume, "storebase"));
+            assert!(
+                error.contains("COMPUTE_VOLUME_TYPE") && error.contains(env),
+                "{env}/{volume}: {error}"
+            );
+        }
+        // Docker with host starts, and host is docker's default.
+        assert!(with("docker", "host", "").check().is_ok());
+        assert_eq!(with("docker", "", "").volume_type(), "host");
+        assert!(with("podman", "docker_local_volume", "").check().is_ok());
+        let error = refusal(with("mainframe", "", ""));
+        assert!(error.contains("CONTAINER_ENV"), "{error}");
     }
 }
