@@ -173,7 +173,9 @@ fn refuses_to_start_with_a_clear_reason() -> Result<()> {
     std::fs::write(dir.join("token"), TOKEN)?;
     // Each backend that cannot reach its engine says which engine, and how to point at
     // another; none of them starts serving regardless.
-    let cases: [(&[&str], &[(&str, &str)], &str); 3] = [
+    // (flags, environment, what stderr must say)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 3] = [
         (
             &["--backend", "swarm"],
             &[(
