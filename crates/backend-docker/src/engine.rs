@@ -13,6 +13,60 @@ use crate::config::PullPolicy;
 use crate::is_image_reference;
 use crate::spec::pull_reference;
 
+/// How long connecting (and negotiating the API version) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where an engine is, and how to name it and its setting in messages.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineAddress<'a> {
+    /// `unix:///path`, `/path`, `tcp://host:port` or `http://host:port`.
+    pub host: &'a str,
+    /// What the engine is called in messages (`Docker`, `Podman`).
+    pub kind: &'a str,
+    /// The config table whose `host` names it (`docker`, `swarm`).
+    pub table: &'static str,
+    /// That setting, as a refusal names it (`docker.host`).
+    pub host_field: &'static str,
+}
+
+/// Connects to the engine and agrees on an API version both sides speak (Docker 20.10
+/// speaks 1.41, older than bollard's default), within [`CONNECT_TIMEOUT`]; the error says
+/// what to check.
+pub async fn connect(address: EngineAddress<'_>) -> Result<Docker, BackendError> {
+    let EngineAddress {
+        host,
+        kind,
+        table,
+        host_field,
+    } = address;
+    let url = if host.starts_with('/') {
+        format!("unix://{host}")
+    } else {
+        host.to_owned()
+    };
+    let unreachable = |why: String| {
+        BackendError::Engine(format!(
+            "cannot reach the {kind} engine at {host}: {why}; check that the engine runs, \
+             that this user may open its socket, and the [{table}] host setting (or \
+             DOCKER_HOST)"
+        ))
+    };
+    let docker = Docker::connect_with_host(&url).map_err(|error| match error {
+        DockerError::UnsupportedURISchemeError { .. } => BackendError::Unsupported {
+            field: host_field,
+            reason: format!(
+                "`{host}` is not an engine address this build supports: use \
+                 unix:///path/to/socket, tcp://host:port or http://host:port"
+            ),
+        },
+        other => unreachable(describe(&other)),
+    })?;
+    tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version())
+        .await
+        .map_err(|_| unreachable(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())))?
+        .map_err(|error| unreachable(describe(&error)))
+}
+
 /// The HTTP status the engine answered with, if it answered.
 pub fn status_code(error: &DockerError) -> Option<u16> {
     match error {

@@ -35,15 +35,13 @@ use dispatch_proto::v1::JobState;
 use futures::{StreamExt, TryStreamExt};
 
 pub use crate::config::{DEFAULT_HOST, DockerConfig, EngineKind, PullPolicy};
-use crate::engine::{ImagePolicy, describe, status_code};
+use crate::engine::{EngineAddress, ImagePolicy, describe, status_code};
 // Docker API helpers the swarm backend (same engine API) shares.
 pub use crate::observe::parse_time;
 use crate::observe::{container_name, is_owned, observe};
 
 use crate::spec::{HostLimits, check_request, container_body, is_container_name};
 
-/// How long connecting (and negotiating the API version) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many containers `list_owned` inspects at once.
 const INSPECT_CONCURRENCY: usize = 8;
 
@@ -73,33 +71,13 @@ impl DockerBackend {
             });
         }
         let host = config.resolve_host(|key| std::env::var(key).ok());
-        let address = if host.starts_with('/') {
-            format!("unix://{host}")
-        } else {
-            host.clone()
-        };
-        let unreachable = |why: String| {
-            BackendError::Engine(format!(
-                "cannot reach the {} engine at {host}: {why}; check that the engine runs, \
-                 that this user may open its socket, and the [docker] host setting \
-                 (or DOCKER_HOST)",
-                kind_name(config.kind)
-            ))
-        };
-        let docker = Docker::connect_with_host(&address).map_err(|error| match error {
-            DockerError::UnsupportedURISchemeError { .. } => BackendError::Unsupported {
-                field: "docker.host",
-                reason: format!(
-                    "`{host}` is not an engine address this build supports: use \
-                     unix:///path/to/socket, tcp://host:port or http://host:port"
-                ),
-            },
-            other => unreachable(describe(&other)),
-        })?;
-        let docker = tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version())
-            .await
-            .map_err(|_| unreachable(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())))?
-            .map_err(|error| unreachable(describe(&error)))?;
+        let docker = engine::connect(EngineAddress {
+            host: &host,
+            kind: kind_name(config.kind),
+            table: "docker",
+            host_field: "docker.host",
+        })
+        .await?;
 
         let backend = Self {
             docker,

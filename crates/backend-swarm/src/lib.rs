@@ -38,7 +38,7 @@ use bollard::query_parameters::{
     ListTasksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use bytes::Bytes;
-use dispatch_backend_docker::engine::{self, ImagePolicy, describe, status_code};
+use dispatch_backend_docker::engine::{self, EngineAddress, ImagePolicy, describe, status_code};
 use dispatch_manager::backend::{BackendCapabilities, LogStream, labels};
 use dispatch_manager::{Backend, BackendError, JobRequest, Observed};
 use dispatch_proto::job::{BackendKind, CpuMillis, JobId, MemoryMib};
@@ -50,8 +50,6 @@ use crate::observe::{
 };
 use crate::spec::{check_request, is_service_name, service_name, service_spec};
 
-/// How long connecting (and negotiating the API version) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many services `list_owned` looks at at once.
 const INSPECT_CONCURRENCY: usize = 8;
 /// How often a followed log checks whether the job has ended.
@@ -92,32 +90,13 @@ impl SwarmBackend {
             });
         }
         let host = config.resolve_host(|key| std::env::var(key).ok());
-        let address = if host.starts_with('/') {
-            format!("unix://{host}")
-        } else {
-            host.clone()
-        };
-        let unreachable = |why: String| {
-            BackendError::Engine(format!(
-                "cannot reach the Docker engine at {host}: {why}; check that the engine runs, \
-                 that this user may open its socket, and the [swarm] host setting (or \
-                 DOCKER_HOST)"
-            ))
-        };
-        let docker = Docker::connect_with_host(&address).map_err(|error| match error {
-            DockerError::UnsupportedURISchemeError { .. } => BackendError::Unsupported {
-                field: "swarm.host",
-                reason: format!(
-                    "`{host}` is not an engine address this build supports: use \
-                     unix:///path/to/socket, tcp://host:port or http://host:port"
-                ),
-            },
-            other => unreachable(describe(&other)),
-        })?;
-        let docker = tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version())
-            .await
-            .map_err(|_| unreachable(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())))?
-            .map_err(|error| unreachable(describe(&error)))?;
+        let docker = engine::connect(EngineAddress {
+            host: &host,
+            kind: "Docker",
+            table: "swarm",
+            host_field: "swarm.host",
+        })
+        .await?;
 
         let backend = Self {
             docker,
