@@ -225,3 +225,68 @@ fn refuses_to_start_with_a_clear_reason() -> Result<()> {
     );
     Ok(())
 }
+
+/// A manager deployed where pfcon ran keeps pfcon's environment: each variable reaches the
+/// backend table that uses it, as `--print-config` shows (and loads back as TOML).
+#[test]
+fn pfcons_variables_reach_the_backends_that_use_them() -> Result<()> {
+    let dir = TestDir::new("manager-pfcon-env")?;
+    std::fs::create_dir_all(dir.join("store"))?;
+    std::fs::write(dir.join("token"), TOKEN)?;
+    let output = command(&dir)
+        .args(["--backend", "openshift", "--print-config"])
+        .envs([
+            ("CONTAINER_USER", "1000-1999:1000"),
+            ("JOB_LABELS", "site=mgh, tier = gpu"),
+            ("IGNORE_LIMITS", "yes"),
+            ("SHM_SIZE", "512"),
+            ("JOB_NAMESPACE", "chris-jobs"),
+            ("VOLUME_NAME", "storebase-claim"),
+            ("NODE_SELECTOR", "kubernetes.io/arch=amd64,gpu=a100"),
+            ("IMAGE_PULL_SECRETS", "regcred, other"),
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let shown: toml::Table = toml::from_str(&stdout).context("--print-config is TOML")?;
+    let table = |name: &str| -> Result<&toml::Table> {
+        shown
+            .get(name)
+            .and_then(toml::Value::as_table)
+            .with_context(|| format!("no [{name}] in {stdout}"))
+    };
+    assert_eq!(shown["container_user"].as_str(), Some("1000-1999:1000"));
+    assert_eq!(table("job_labels")?["tier"].as_str(), Some("gpu"));
+    assert_eq!(table("docker")?["ignore_limits"].as_bool(), Some(true));
+    assert_eq!(table("swarm")?["ignore_limits"].as_bool(), Some(true));
+    assert_eq!(table("docker")?["shm_size_mib"].as_integer(), Some(512));
+    let kubernetes = table("kubernetes")?;
+    assert_eq!(kubernetes["shm_size_mib"].as_integer(), Some(512));
+    assert_eq!(kubernetes["namespace"].as_str(), Some("chris-jobs"));
+    assert_eq!(kubernetes["pvc_name"].as_str(), Some("storebase-claim"));
+    assert_eq!(
+        kubernetes["node_selector"]["gpu"].as_str(),
+        Some("a100"),
+        "{stdout}"
+    );
+    let secrets: Vec<&str> = kubernetes["image_pull_secrets"]
+        .as_array()
+        .context("image_pull_secrets")?
+        .iter()
+        .filter_map(toml::Value::as_str)
+        .collect();
+    assert_eq!(secrets, ["regcred", "other"]);
+
+    // A malformed pfcon list is refused, naming the variable.
+    let output = command(&dir)
+        .args(["--backend", "kubernetes", "--print-config"])
+        .env("NODE_SELECTOR", "gpu")
+        .output()?;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("NODE_SELECTOR"));
+    Ok(())
+}
