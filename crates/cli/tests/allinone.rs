@@ -7,7 +7,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use dispatch_testkit::images::plugin_host_path;
+use dispatch_manager::backend::labels;
+use dispatch_testkit::engine_cli;
+use dispatch_testkit::images::{Engine, plugin_host_path};
 use dispatch_testkit::{ServiceBinary, TestDir};
 
 const DISPATCH: &str = env!("CARGO_BIN_EXE_dispatch");
@@ -20,8 +22,28 @@ fn text(output: &Output) -> String {
     )
 }
 
-/// Runs the demo in `data_dir` and checks what it prints and the outputs it leaves.
-fn demo(data_dir: &Path, backend: &str) -> Result<()> {
+/// Removes the demo jobs' containers when a test ends: the demo keeps its job (and so its
+/// container, for `dispatch logs`) as a user would want, but a test leaves nothing.
+#[derive(Default)]
+struct DemoContainers(Vec<String>);
+
+impl Drop for DemoContainers {
+    fn drop(&mut self) {
+        for job_id in &self.0 {
+            let found =
+                engine_cli::labelled_containers(Engine::Docker, &[(labels::JOB_ID, job_id)]);
+            for line in found.unwrap_or_default() {
+                if let Some(id) = line.split(' ').next() {
+                    let _ = engine_cli::run(Engine::Docker, &["rm", "-f", id]);
+                }
+            }
+        }
+    }
+}
+
+/// Runs the demo in `data_dir` and checks what it prints and the outputs it leaves; returns
+/// the id of the job it ran.
+fn demo(data_dir: &Path, backend: &str) -> Result<String> {
     let output = Command::new(DISPATCH)
         .args(["demo", "--backend", backend, "--data-dir"])
         .arg(data_dir)
@@ -80,21 +102,28 @@ fn demo(data_dir: &Path, backend: &str) -> Result<()> {
         std::fs::read_to_string(outputs.join("notes/clinic.txt.counts.txt"))?,
         "lines 2\nwords 9\nbytes 60\n"
     );
-    Ok(())
+    let job_id = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("[+] submitted job "))
+        .and_then(|rest| rest.split(';').next())
+        .context("the demo names its job")?;
+    Ok(job_id.to_owned())
 }
 
 #[test]
 fn the_demo_runs_end_to_end_on_docker_with_an_image_it_builds() -> Result<()> {
     let dir = TestDir::new("demo-docker")?;
-    demo(&dir.join("demo"), "docker")?;
+    let mut containers = DemoContainers::default();
+    containers.0.push(demo(&dir.join("demo"), "docker")?);
     // A second run in the same directory starts afresh and reuses the image.
-    demo(&dir.join("demo"), "docker")
+    containers.0.push(demo(&dir.join("demo"), "docker")?);
+    Ok(())
 }
 
 #[test]
 fn the_demo_runs_end_to_end_on_local_processes() -> Result<()> {
     let dir = TestDir::new("demo-local")?;
-    demo(&dir.join("demo"), "local")
+    demo(&dir.join("demo"), "local").map(drop)
 }
 
 /// Runs `dispatch` against the hub at `uri`.
