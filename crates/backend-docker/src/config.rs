@@ -67,11 +67,17 @@ impl DockerConfig {
     /// it (injected, so tests need not touch the process environment), else
     /// [`DEFAULT_HOST`].
     pub fn resolve_host(&self, env: impl Fn(&str) -> Option<String>) -> String {
-        self.host
-            .clone()
-            .or_else(|| env("DOCKER_HOST").filter(|host| !host.trim().is_empty()))
-            .unwrap_or_else(|| DEFAULT_HOST.to_owned())
+        resolve_host(self.host.as_deref(), env)
     }
+}
+
+/// The engine address to use: `configured`, else `DOCKER_HOST` as `env` gives it, else
+/// [`DEFAULT_HOST`]; shared by every backend that talks to a Docker API.
+pub fn resolve_host(configured: Option<&str>, env: impl Fn(&str) -> Option<String>) -> String {
+    configured
+        .map(str::to_owned)
+        .or_else(|| env("DOCKER_HOST").filter(|host| !host.trim().is_empty()))
+        .unwrap_or_else(|| DEFAULT_HOST.to_owned())
 }
 
 /// The engine behind the Docker API.

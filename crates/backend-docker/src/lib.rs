@@ -34,7 +34,7 @@ use dispatch_proto::job::{BackendKind, CpuMillis, JobId, MemoryMib};
 use dispatch_proto::v1::JobState;
 use futures::{StreamExt, TryStreamExt};
 
-pub use crate::config::{DEFAULT_HOST, DockerConfig, EngineKind, PullPolicy};
+pub use crate::config::{DEFAULT_HOST, DockerConfig, EngineKind, PullPolicy, resolve_host};
 use crate::engine::{EngineAddress, ImagePolicy, describe, status_code};
 // Docker API helpers the swarm backend (same engine API) shares.
 pub use crate::observe::parse_time;

@@ -67,10 +67,6 @@ impl Harness for PodmanHarness {
         self.image.clone()
     }
 
-    fn plugin(&self, name: &str) -> Vec<String> {
-        vec!["/bin/sh".into(), format!("/plugins/{name}")]
-    }
-
     fn store_root(&self) -> PathBuf {
         self.config.store_root.clone()
     }

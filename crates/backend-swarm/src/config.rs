@@ -71,10 +71,7 @@ impl SwarmConfig {
     /// it (injected, so tests need not touch the process environment), else Docker's
     /// local socket.
     pub fn resolve_host(&self, env: impl Fn(&str) -> Option<String>) -> String {
-        self.host
-            .clone()
-            .or_else(|| env("DOCKER_HOST").filter(|host| !host.trim().is_empty()))
-            .unwrap_or_else(|| dispatch_backend_docker::DEFAULT_HOST.to_owned())
+        dispatch_backend_docker::resolve_host(self.host.as_deref(), env)
     }
 
     /// The network to attach job tasks to, if any.

@@ -91,10 +91,6 @@ impl Harness for SwarmHarness {
         self.image.clone()
     }
 
-    fn plugin(&self, name: &str) -> Vec<String> {
-        vec!["/bin/sh".into(), format!("/plugins/{name}")]
-    }
-
     fn store_root(&self) -> PathBuf {
         self.config.store_root.clone()
     }

@@ -74,10 +74,15 @@ pub trait Harness: Send + Sync {
     /// anything for a backend that runs no images.
     fn image(&self) -> String;
 
-    /// The entrypoint that runs the named plugin (`copy.sh`, ...): e.g. `["/bin/sh",
-    /// "/plugins/copy.sh"]` in a container, or the host path of the script for local
-    /// processes (see [`crate::images::plugin_host_path`]).
-    fn plugin(&self, name: &str) -> Vec<String>;
+    /// The entrypoint that runs the named plugin (`copy.sh`, ...): by default the script in
+    /// the test image (`["/bin/sh", "/plugins/copy.sh"]`); a backend without containers
+    /// gives the host path of the script (see [`crate::images::plugin_host_path`]).
+    fn plugin(&self, name: &str) -> Vec<String> {
+        vec![
+            "/bin/sh".into(),
+            format!("{}/{name}", crate::images::PLUGINS_IN_IMAGE),
+        ]
+    }
 
     /// The manager's `store_root`, where jobs' `key-<job_id>` areas are.
     fn store_root(&self) -> PathBuf;
